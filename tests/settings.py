@@ -1,0 +1,13 @@
+"""Settings for the test suite: the real settings, with a key and the in-memory layer.
+
+End-to-end tests start real server processes with their own environment; the tests that run
+in-process always use the in-memory layer so they never depend on Redis.
+"""
+
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-insecure-key")
+
+from chatsite.settings import *  # noqa: F403
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
