@@ -1,0 +1,275 @@
+"""The WebSocket shells: decode a frame, validate it in `protocol`, call one service or
+selector, reply, and fan out through the hub."""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.db import DatabaseError
+
+from rooms import protocol, selectors, services
+from rooms.hub import Hub, get_hub
+from rooms.limits import RateLimiter
+from rooms.protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_ABNORMAL = 1006
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class FrameGuard(AsyncJsonWebsocketConsumer):
+    """What every JSON endpoint shares: no per-connection layer mailbox, no per-frame
+    database hop, bounded frames, and a reply instead of a traceback for bad input."""
+
+    # Broadcasts and direct events reach the socket through the process hub, so the consumer
+    # does not open a channel-layer mailbox of its own (one fewer layer receive per recipient
+    # per message, and less memory per idle connection).
+    channel_layer_alias = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
+        # frame. Every database call here goes through database_sync_to_async, which closes
+        # stale connections around itself, so the hop would buy nothing.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return protocol.encode(content)
+
+    async def send_body(self, body: dict[str, Any]) -> None:
+        await self.base_send({"type": "websocket.send", "text": protocol.encode(body)})
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        text = message.get("text")
+        if text is None:
+            await self.close(CLOSE_UNSUPPORTED_DATA)
+            return
+        if _too_big(text, settings.CHAT_MAX_FRAME_BYTES):
+            await self.close(CLOSE_TOO_BIG)
+            return
+        await self.receive_text(text)
+
+    async def receive_text(self, text: str) -> None:
+        raise NotImplementedError
+
+
+def _too_big(text: str, limit: int) -> bool:
+    # A UTF-8 character takes 1 to 4 bytes: only frames in between need encoding to measure.
+    if len(text) > limit:
+        return True
+    return len(text) * 4 > limit and len(text.encode()) > limit
+
+
+class EchoConsumer(FrameGuard):
+    """/echo: every JSON value sent comes back as {"echo": value}."""
+
+    async def receive_text(self, text: str) -> None:
+        try:
+            value = protocol.json.loads(text)
+        except ValueError:
+            await self.send_body(protocol.fail(None, "Invalid JSON."))
+            return
+        await self.send_body(protocol.echo(value))
+
+
+Action = Callable[["ChatConsumer", dict[str, Any]], Awaitable[None]]
+
+
+class ChatConsumer(FrameGuard):
+    """/chat: rooms and nicknames, as described in the protocol documentation."""
+
+    hub: Hub
+    seat: services.Seat | None = None
+    limiter: RateLimiter
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        await self.accept()
+        self.hub = get_hub()
+        self.limiter = RateLimiter(
+            rate=settings.CHAT_RATE_PER_SEC,
+            burst=settings.CHAT_RATE_BURST,
+            max_strikes=settings.CHAT_RATE_STRIKES,
+        )
+        try:
+            await self.hub.start(self.scope)
+            self.channel_name = self.hub.address()
+            seat = await database_sync_to_async(services.presence_connect)(
+                channel_name=self.channel_name,
+                process=self.hub.process,
+                worker=self.hub.worker,
+            )
+        except Exception:
+            log.exception("could not seat a new connection")
+            await self.send_body(
+                {"action": "connecting", "success": False, "message": protocol.UNAVAILABLE}
+            )
+            await self.close(CLOSE_TRY_AGAIN_LATER)
+            return
+        self.seat = seat
+        self.hub.attach(self)
+        await self.send_body(protocol.connecting(seat.room_name, seat.nick))
+        await self.hub.enter(self, seat.room_id)
+        await self._broadcast(protocol.joined(seat.room_name, seat.nick))
+        await self._send_history(
+            protocol.HistoryQuery(
+                room=seat.room_name, before=None, after=None, limit=settings.CHAT_HISTORY_DEFAULT
+            )
+        )
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        seat = self.seat
+        if seat is not None:
+            self.seat = None
+            self.hub.detach(self)
+            self.hub.leave(self, seat.room_id)
+            # 1006 means the socket died without a close frame: a killed client, a lost network.
+            shame = message.get("code") == CLOSE_ABNORMAL
+            try:
+                gone = await database_sync_to_async(services.presence_disconnect)(
+                    channel_name=self.channel_name
+                )
+                if gone is not None:
+                    await self.hub.broadcast(
+                        gone.room_id, protocol.left(gone.room_name, gone.nick, shame=shame)
+                    )
+            except Exception:
+                # The sweep removes the presence once this process stops heartbeating it.
+                log.exception("could not clear presence of %s", self.channel_name)
+        raise StopConsumer
+
+    async def receive_text(self, text: str) -> None:
+        if self.seat is None:
+            return
+        try:
+            action, body = protocol.decode(text)
+            problem = None
+        except ProtocolError as error:
+            action, body, problem = error.action, {}, error.message
+        if not self.limiter.allow():
+            await self.send_body(protocol.fail(action, protocol.SLOW_DOWN))
+            if self.limiter.exhausted:
+                await self.close(CLOSE_POLICY_VIOLATION)
+            return
+        if problem is not None:
+            await self.send_body(protocol.fail(None, problem))
+            return
+        handler = self.actions.get(action)
+        if handler is None:
+            await self.send_body(protocol.fail(action, protocol.NOT_ALLOWED))
+            return
+        try:
+            await handler(self, body)
+        except ProtocolError as refused:
+            await self.send_body(protocol.fail(refused.action, refused.message))
+        except services.NotConnected:
+            # Another process swept this connection while its own could not heartbeat; its
+            # nick may be someone else's by now, so the client must start over.
+            await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
+            await self.close(CLOSE_TRY_AGAIN_LATER)
+        except DatabaseError:
+            log.exception("database error in %s", action)
+            await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
+        except Exception:
+            log.exception("error in %s", action)
+            await self.send_body(protocol.fail(action, protocol.INTERNAL_ERROR))
+
+    async def on_direct(self, event: dict[str, Any]) -> None:
+        """An event addressed to this one connection, from any process."""
+        if "body" in event:
+            await self.send_body(event["body"])
+        if "close" in event:
+            await self.close(event["close"])
+
+    async def _broadcast(self, body: dict[str, Any]) -> None:
+        assert self.seat is not None
+        await self.hub.broadcast(self.seat.room_id, body, skip=self.channel_name)
+
+    async def _send_history(self, query: protocol.HistoryQuery) -> None:
+        messages = await database_sync_to_async(selectors.message_history)(
+            room_name=query.room, before=query.before, after=query.after, limit=query.limit
+        )
+        await self.send_body(protocol.history(query.room, messages))
+
+    async def set_nick(self, body: dict[str, Any]) -> None:
+        nick = protocol.nick_from(body)
+        try:
+            previous, seat = await database_sync_to_async(services.nick_set)(
+                channel_name=self.channel_name, nick=nick
+            )
+        except services.NickInUse:
+            raise ProtocolError("set_nick", protocol.NICK_IN_USE) from None
+        self.seat = seat
+        await self.send_body(protocol.ok("set_nick"))
+        if previous != seat.nick:
+            await self._broadcast(protocol.nick_changed(seat.room_name, previous, seat.nick))
+
+    async def join_room(self, body: dict[str, Any]) -> None:
+        room = protocol.room_from(body)
+        try:
+            old, new = await database_sync_to_async(services.room_join)(
+                channel_name=self.channel_name, room_name=room
+            )
+        except services.AlreadyInRoom:
+            raise ProtocolError("join_room", protocol.ALREADY_IN_ROOM) from None
+        self.hub.leave(self, old.room_id)
+        self.seat = new
+        await self.hub.broadcast(old.room_id, protocol.left(old.room_name, old.nick, shame=False))
+        await self.send_body(protocol.ok("join_room"))
+        await self.hub.enter(self, new.room_id)
+        await self._broadcast(protocol.joined(new.room_name, new.nick))
+
+    async def chat_message(self, body: dict[str, Any]) -> None:
+        assert self.seat is not None
+        text = protocol.message_text_from(body, settings.CHAT_MAX_MESSAGE_CHARS)
+        seat = self.seat
+        stored = await database_sync_to_async(services.message_create)(
+            room_id=seat.room_id, author=seat.nick, text=text
+        )
+        ts = protocol.timestamp(stored.created_at)
+        await self.send_body(protocol.chat_ack(text, stored.pk, ts))
+        await self._broadcast(
+            protocol.chat_broadcast(seat.room_name, seat.nick, text, stored.pk, ts)
+        )
+
+    async def user_list(self, body: dict[str, Any]) -> None:
+        assert self.seat is not None
+        room = protocol.user_list_room_from(body, self.seat.room_name)
+        users = await database_sync_to_async(selectors.room_users)(room_name=room)
+        await self.send_body(protocol.user_list(room, users))
+
+    async def history(self, body: dict[str, Any]) -> None:
+        assert self.seat is not None
+        await self._send_history(
+            protocol.history_query_from(
+                body,
+                current=self.seat.room_name,
+                default_limit=settings.CHAT_HISTORY_DEFAULT,
+                max_limit=settings.CHAT_HISTORY_MAX,
+            )
+        )
+
+    async def room_list(self, body: dict[str, Any]) -> None:
+        rooms = await database_sync_to_async(selectors.room_list)()
+        await self.send_body(protocol.room_list(rooms))
+
+    actions: dict[str, Action] = {
+        "set_nick": set_nick,
+        "join_room": join_room,
+        "chat_message": chat_message,
+        "user_list": user_list,
+        "history": history,
+        "room_list": room_list,
+    }

@@ -1,0 +1,235 @@
+"""This process's share of the chat: its sockets by room, and one channel-layer mailbox.
+
+The fan-out path is what makes the server fast. A broadcast is encoded once, written straight to
+this process's members of the room, and sent once through the channel layer to the group of the
+room, whose members are *processes* (their mailboxes), not connections. Each other process
+receives it once and writes it to its own members. So the layer carries one message per process
+per broadcast instead of one per recipient, and no consumer wakes up to relay a frame.
+
+Any single connection is reachable from any process through `send_to` with the `process` and
+`channel_name` stored in its presence row: that is how moderation reaches a socket.
+"""
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import uuid
+import weakref
+from typing import Any, Protocol
+
+from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.conf import settings
+
+from rooms import protocol, services
+from rooms.models import group_name
+
+log = logging.getLogger(__name__)
+
+
+class Member(Protocol):
+    """A connection as the hub sees it."""
+
+    channel_name: str
+
+    async def base_send(self, message: dict[str, Any]) -> None: ...
+
+    async def on_direct(self, event: dict[str, Any]) -> None: ...
+
+
+class Hub:
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        # The in-memory layer cannot reach another process, so there is nothing to relay.
+        self.distributed = layer is not None and not isinstance(layer, InMemoryChannelLayer)
+        self.process = ""
+        self.worker = ""
+        self.members: dict[str, Member] = {}
+        self.rooms: dict[int, dict[str, Member]] = {}
+        self._subscribed: set[int] = set()
+        self._numbers = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self, scope: dict[str, Any]) -> None:
+        """Open the mailbox, clear what an earlier incarnation left, start the heartbeat."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if self._started:
+                return
+            if self.distributed:
+                self.process = await self.layer.new_channel("chat")
+            else:
+                self.process = f"local.{uuid.uuid4().hex}"
+            self.worker = settings.CHAT_WORKER_NAME or _worker_name(scope)
+            departures = await database_sync_to_async(services.presence_clear_worker)(
+                worker=self.worker, keep_process=self.process
+            )
+            await self._announce(departures)
+            if self.distributed:
+                self._tasks.append(asyncio.create_task(self._receive_loop()))
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+            self._started = True
+            log.info("hub started: worker %s, mailbox %s", self.worker, self.process)
+
+    async def stop(self) -> None:
+        """Stop the background tasks (the process is going away)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def address(self) -> str:
+        """A new connection address on this process, unique across the service."""
+        return f"{self.process}|{next(self._numbers)}"
+
+    def attach(self, member: Member) -> None:
+        self.members[member.channel_name] = member
+
+    def detach(self, member: Member) -> None:
+        self.members.pop(member.channel_name, None)
+
+    async def enter(self, member: Member, room_id: int) -> None:
+        """Deliver the room's broadcasts to this member from now on."""
+        local = self.rooms.get(room_id)
+        if local is None:
+            local = self.rooms[room_id] = {}
+        local[member.channel_name] = member
+        if self.distributed and room_id not in self._subscribed:
+            self._subscribed.add(room_id)
+            try:
+                await self.layer.group_add(group_name(room_id), self.process)
+            except Exception:
+                # The heartbeat adds it again; until then only local members hear the room.
+                log.exception("could not subscribe to room %s", room_id)
+
+    def leave(self, member: Member, room_id: int) -> None:
+        """Stop delivering the room's broadcasts to this member.
+
+        The process stays in the room's group until the next heartbeat finds the room empty:
+        unsubscribing here could overtake a later re-subscription on another connection.
+        """
+        local = self.rooms.get(room_id)
+        if local is not None:
+            local.pop(member.channel_name, None)
+            if not local:
+                del self.rooms[room_id]
+
+    async def broadcast(self, room_id: int, body: dict[str, Any], skip: str | None = None) -> None:
+        """Send one body to every member of a room on every process, except `skip`."""
+        text = protocol.encode(body)
+        await self._deliver(room_id, {"type": "websocket.send", "text": text}, skip)
+        if self.distributed:
+            await self.layer.group_send(
+                group_name(room_id),
+                {
+                    "type": "room.fanout",
+                    "room": room_id,
+                    "text": text,
+                    "skip": skip,
+                    "origin": self.process,
+                },
+            )
+
+    async def send_to(self, *, process: str, channel_name: str, event: dict[str, Any]) -> None:
+        """Hand an event to one connection, wherever it lives."""
+        if process == self.process:
+            await self._direct(channel_name, event)
+        elif self.distributed:
+            await self.layer.send(process, {"type": "conn.direct", "to": channel_name, **event})
+
+    async def _deliver(self, room_id: int, message: dict[str, Any], skip: str | None) -> None:
+        local = self.rooms.get(room_id)
+        if not local:
+            return
+        for member in tuple(local.values()):
+            if member.channel_name == skip:
+                continue
+            try:
+                await member.base_send(message)
+            except Exception:
+                # A socket that closed under us; its own disconnect cleans up.
+                log.debug("send to %s failed", member.channel_name, exc_info=True)
+
+    async def _direct(self, channel_name: str, event: dict[str, Any]) -> None:
+        member = self.members.get(channel_name)
+        if member is not None:
+            await member.on_direct(event)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                event = await self.layer.receive(self.process)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("channel layer receive failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            kind = event.get("type")
+            try:
+                if kind == "room.fanout":
+                    if event["origin"] != self.process:
+                        message = {"type": "websocket.send", "text": event["text"]}
+                        await self._deliver(event["room"], message, event["skip"])
+                elif kind == "conn.direct":
+                    await self._direct(event["to"], event)
+            except Exception:
+                log.exception("could not handle %s", kind)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = settings.CHAT_HEARTBEAT_SECONDS
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed; retrying in %ss", interval)
+
+    async def heartbeat(self) -> None:
+        """Prove this process alive, heal its group membership, and sweep dead processes."""
+        await database_sync_to_async(services.presence_heartbeat)(process=self.process)
+        if self.distributed:
+            # Re-adding is what survives a Redis restart that lost the groups; it also
+            # refreshes the groups' expiry.
+            for room_id in list(self._subscribed):
+                if room_id in self.rooms:
+                    await self.layer.group_add(group_name(room_id), self.process)
+                else:
+                    self._subscribed.discard(room_id)
+                    await self.layer.group_discard(group_name(room_id), self.process)
+        departures = await database_sync_to_async(services.presence_sweep)(
+            timeout_seconds=settings.CHAT_PRESENCE_TIMEOUT_SECONDS
+        )
+        await self._announce(departures)
+
+    async def _announce(self, departures: list[services.Departure]) -> None:
+        for gone in departures:
+            log.info("swept %s from %s (process %s)", gone.nick, gone.room_name, gone.process)
+            await self.broadcast(gone.room_id, protocol.left(gone.room_name, gone.nick, shame=True))
+            if self.distributed and gone.process != self.process:
+                await self.layer.group_discard(group_name(gone.room_id), gone.process)
+
+
+def _worker_name(scope: dict[str, Any]) -> str:
+    server = scope.get("server")
+    where = server[1] if server and server[1] is not None else f"pid{os.getpid()}"
+    return f"{socket.gethostname()}:{where}"
+
+
+_hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> Hub:
+    """The hub of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = Hub(get_channel_layer())
+    return hub
