@@ -108,7 +108,14 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["OPTIONS"] = {
+        # Fail fast when the database is unreachable, so clients get a failure reply in
+        # seconds instead of a hung request.
+        "connect_timeout": env_int("CHAT_DB_CONNECT_TIMEOUT", 3),
+        "options": f"-c statement_timeout={env_int('CHAT_DB_STATEMENT_TIMEOUT_MS', 5000)}",
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets the admin read while the chat writes; synchronous=NORMAL keeps every
         # committed message across a process crash (not across a power cut) at a fraction of
@@ -119,17 +126,38 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
-if REDIS_URL:
+REDIS_HOST = {
+    "address": REDIS_URL,
+    # redis-py 8 times reads out after 5 s by default, exactly as long as channels-redis
+    # blocks in BZPOPMIN waiting for a message, so an idle receive failed with TimeoutError.
+    "socket_timeout": 10,
+    "socket_connect_timeout": 3,
+    "retry_on_timeout": False,
+}
+CHAT_LAYER = os.environ.get("CHAT_LAYER", "core")
+if REDIS_URL and CHAT_LAYER == "pubsub":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_HOST],
+                "prefix": os.environ.get("CHAT_LAYER_PREFIX", "chat"),
+            },
+        }
+    }
+elif REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [REDIS_HOST],
                 "prefix": os.environ.get("CHAT_LAYER_PREFIX", "chat"),
-                # Each process holds one mailbox that carries every broadcast for its sockets;
+                # Each process has one mailbox that carries every broadcast for its sockets;
                 # the default capacity of 100 would drop messages silently under load.
                 "capacity": env_int("CHAT_LAYER_CAPACITY", 10000),
                 "expiry": 60,
+                # Processes re-add themselves to their rooms' groups on every heartbeat, so a
+                # dead process falls out of them within minutes rather than a day.
                 "group_expiry": env_int("CHAT_LAYER_GROUP_EXPIRY", 300),
             },
         }
@@ -161,7 +189,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "rooms": {"handlers": ["console"], "level": os.environ.get("CHAT_LOG_LEVEL", "INFO")},
+        "rooms": {
+            "handlers": ["console"],
+            "level": os.environ.get("CHAT_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
     },
 }
 
@@ -177,3 +209,5 @@ CHAT_HEARTBEAT_SECONDS = env_float("CHAT_HEARTBEAT_SECONDS", 2.0)
 CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
 CHAT_SEND_BACKLOG = env_int("CHAT_SEND_BACKLOG", 1000)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
+# Close sockets with 1001 and remove their presence on SIGTERM/SIGINT before the server stops.
+CHAT_GRACEFUL_SHUTDOWN = True

@@ -19,6 +19,7 @@ from rooms.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_ABNORMAL = 1006
 CLOSE_POLICY_VIOLATION = 1008
@@ -103,6 +104,9 @@ class ChatConsumer(FrameGuard):
             burst=settings.CHAT_RATE_BURST,
             max_strikes=settings.CHAT_RATE_STRIKES,
         )
+        if self.hub.shutting_down:
+            await self.close(CLOSE_GOING_AWAY)
+            return
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
@@ -234,6 +238,9 @@ class ChatConsumer(FrameGuard):
     async def chat_message(self, body: dict[str, Any]) -> None:
         assert self.seat is not None
         text = protocol.message_text_from(body, settings.CHAT_MAX_MESSAGE_CHARS)
+        if not self.hub.layer_healthy:
+            # It could be stored but not delivered to the other processes' members.
+            raise ProtocolError("chat_message", protocol.UNAVAILABLE)
         seat = self.seat
         stored = await database_sync_to_async(services.message_create)(
             room_id=seat.room_id, author=seat.nick, text=text

@@ -11,12 +11,16 @@ Any single connection is reachable from any process through `send_to` with the `
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
+import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -53,6 +57,10 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._start_lock = asyncio.Lock()
+        self.layer_healthy = True
+        self.shutting_down = False
+        self._emptied = asyncio.Event()
+        self._database_ok_since: float | None = None
 
     async def start(self, scope: dict[str, Any]) -> None:
         """Open the mailbox, clear what an earlier incarnation left, start the heartbeat."""
@@ -70,9 +78,12 @@ class Hub:
                 worker=self.worker, keep_process=self.process
             )
             await self._announce(departures)
+            self._database_ok_since = time.monotonic()
             if self.distributed:
                 self._tasks.append(asyncio.create_task(self._receive_loop()))
             self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+            if settings.CHAT_GRACEFUL_SHUTDOWN:
+                _close_on_signals(self)
             self._started = True
             log.info("hub started: worker %s, mailbox %s", self.worker, self.process)
 
@@ -80,8 +91,41 @@ class Hub:
         """Stop the background tasks (the process is going away)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
+
+    async def shutdown(self, *, code: int = 1001, grace: float = 3.0) -> None:
+        """Close every socket of this process, remove their presence and tell their rooms."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        members = list(self.members.values())
+        log.info("shutting down: closing %d sockets with %d", len(members), code)
+        for member in members:
+            try:
+                await member.base_send({"type": "websocket.close", "code": code})
+            except Exception:
+                log.debug("close of %s failed", member.channel_name, exc_info=True)
+        try:
+            departures = await database_sync_to_async(services.presence_clear_process)(
+                process=self.process
+            )
+        except Exception:
+            # The other processes' sweep removes them once this one stops heartbeating.
+            log.exception("could not remove this process's presence")
+        else:
+            for gone in departures:
+                await self.broadcast(
+                    gone.room_id, protocol.left(gone.room_name, gone.nick, shame=False)
+                )
+        # Give clients a moment to answer the close handshake before the server goes.
+        if self.members:
+            self._emptied.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), grace)
+        await self.stop()
+        log.info("shutdown complete")
 
     def address(self) -> str:
         """A new connection address on this process, unique across the service."""
@@ -92,6 +136,8 @@ class Hub:
 
     def detach(self, member: Member) -> None:
         self.members.pop(member.channel_name, None)
+        if not self.members:
+            self._emptied.set()
 
     async def enter(self, member: Member, room_id: int) -> None:
         """Deliver the room's broadcasts to this member from now on."""
@@ -124,16 +170,21 @@ class Hub:
         text = protocol.encode(body)
         await self._deliver(room_id, {"type": "websocket.send", "text": text}, skip)
         if self.distributed:
-            await self.layer.group_send(
-                group_name(room_id),
-                {
-                    "type": "room.fanout",
-                    "room": room_id,
-                    "text": text,
-                    "skip": skip,
-                    "origin": self.process,
-                },
-            )
+            try:
+                await self.layer.group_send(
+                    group_name(room_id),
+                    {
+                        "type": "room.fanout",
+                        "room": room_id,
+                        "text": text,
+                        "skip": skip,
+                        "origin": self.process,
+                    },
+                )
+            except Exception:
+                # The other processes miss this one; history has it. Posting is refused
+                # until the layer answers again, so nothing more goes unheard.
+                self._layer_failed("group_send")
 
     async def send_to(self, *, process: str, channel_name: str, event: dict[str, Any]) -> None:
         """Hand an event to one connection, wherever it lives."""
@@ -167,9 +218,10 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("channel layer receive failed; retrying")
+                self._layer_failed("receive")
                 await asyncio.sleep(0.5)
                 continue
+            self._layer_recovered()
             kind = event.get("type")
             try:
                 if kind == "room.fanout":
@@ -194,27 +246,110 @@ class Hub:
 
     async def heartbeat(self) -> None:
         """Prove this process alive, heal its group membership, and sweep dead processes."""
-        await database_sync_to_async(services.presence_heartbeat)(process=self.process)
+        try:
+            present = await database_sync_to_async(services.presence_heartbeat)(
+                process=self.process
+            )
+        except Exception:
+            self._database_ok_since = None
+            raise
+        if self._database_ok_since is None:
+            self._database_ok_since = time.monotonic()
+        if present < len(self.members):
+            await self._drop_swept_members()
         if self.distributed:
-            # Re-adding is what survives a Redis restart that lost the groups; it also
-            # refreshes the groups' expiry.
+            await self._resubscribe()
+        # After the database comes back, every process needs a heartbeat in before anyone may
+        # judge the others dead: sweeping sooner would remove live users.
+        timeout = settings.CHAT_PRESENCE_TIMEOUT_SECONDS
+        if time.monotonic() - self._database_ok_since >= timeout:
+            departures = await database_sync_to_async(services.presence_sweep)(
+                timeout_seconds=timeout
+            )
+            await self._announce(departures)
+
+    async def _resubscribe(self) -> None:
+        # Re-adding is what survives a Redis restart that lost the groups; it also refreshes
+        # the groups' expiry.
+        try:
             for room_id in list(self._subscribed):
                 if room_id in self.rooms:
                     await self.layer.group_add(group_name(room_id), self.process)
                 else:
                     self._subscribed.discard(room_id)
                     await self.layer.group_discard(group_name(room_id), self.process)
-        departures = await database_sync_to_async(services.presence_sweep)(
-            timeout_seconds=settings.CHAT_PRESENCE_TIMEOUT_SECONDS
-        )
-        await self._announce(departures)
+            for room_id in self.rooms:
+                if room_id not in self._subscribed:
+                    await self.layer.group_add(group_name(room_id), self.process)
+                    self._subscribed.add(room_id)
+        except Exception:
+            self._layer_failed("group_add")
+        else:
+            self._layer_recovered()
+
+    async def _drop_swept_members(self) -> None:
+        """Close the sockets whose presence another process swept while this one was cut off:
+        their nicks may already belong to someone else."""
+        alive = set(await database_sync_to_async(services.presence_channels)(process=self.process))
+        for channel_name, member in list(self.members.items()):
+            if channel_name not in alive:
+                log.warning("%s was swept while connected; closing it", channel_name)
+                await member.on_direct(
+                    {"body": protocol.fail("connecting", protocol.UNAVAILABLE), "close": 1013}
+                )
+
+    def _layer_failed(self, what: str) -> None:
+        if self.layer_healthy:
+            log.exception("channel layer %s failed; posting is refused until it recovers", what)
+        self.layer_healthy = False
+
+    def _layer_recovered(self) -> None:
+        if not self.layer_healthy:
+            log.info("channel layer is back")
+        self.layer_healthy = True
 
     async def _announce(self, departures: list[services.Departure]) -> None:
         for gone in departures:
             log.info("swept %s from %s (process %s)", gone.nick, gone.room_name, gone.process)
             await self.broadcast(gone.room_id, protocol.left(gone.room_name, gone.nick, shame=True))
             if self.distributed and gone.process != self.process:
-                await self.layer.group_discard(group_name(gone.room_id), gone.process)
+                try:
+                    await self.layer.group_discard(group_name(gone.room_id), gone.process)
+                except Exception:
+                    self._layer_failed("group_discard")
+
+
+def _close_on_signals(hub: Hub) -> None:
+    """On SIGTERM or SIGINT, close every socket with 1001 first, then let the server stop.
+
+    daphne (Twisted) and uvicorn both stop on these signals by themselves but would drop the
+    sockets without a proper close and without removing their presence.
+    """
+    loop = asyncio.get_running_loop()
+
+    def wrap(signum: int, previous: Callable[..., Any] | int | None) -> Callable[..., None]:
+        def pass_on(_: object = None) -> None:
+            log.info("handing signal %s on to the server", signum)
+            server = getattr(previous, "__self__", None)
+            if hasattr(server, "should_exit"):
+                # uvicorn: ask it to exit, rather than through its handler, which re-raises
+                # the signal after shutting down and so exits with 128+signal instead of 0.
+                server.should_exit = True
+            elif callable(previous):
+                previous(signum, None)
+
+        def handler(_signum: int, _frame: object) -> None:
+            if hub.shutting_down:
+                pass_on()
+                return
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(hub.shutdown()).add_done_callback(pass_on)
+            )
+
+        return handler
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, wrap(signum, signal.getsignal(signum)))
 
 
 def _worker_name(scope: dict[str, Any]) -> str:

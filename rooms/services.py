@@ -160,6 +160,17 @@ def presence_heartbeat(*, process: str) -> int:
     return Presence.objects.filter(process=process).update(last_heartbeat=Now())
 
 
+def presence_channels(*, process: str) -> list[str]:
+    """The connections the database still counts as this process's."""
+    return list(Presence.objects.filter(process=process).values_list("channel_name", flat=True))
+
+
+@transaction.atomic
+def presence_clear_process(*, process: str) -> list[Departure]:
+    """Remove every connection of a process that is shutting down."""
+    return _remove(Presence.objects.filter(process=process))
+
+
 @transaction.atomic
 def presence_sweep(*, timeout_seconds: float) -> list[Departure]:
     """Remove presence whose process stopped heartbeating (killed, frozen, cut off)."""

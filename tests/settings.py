@@ -11,3 +11,6 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-insecure-key")
 from chatsite.settings import *  # noqa: F403
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Tests run hubs inside pytest's own process, whose signals are not the hub's to take.
+CHAT_GRACEFUL_SHUTDOWN = False
