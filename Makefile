@@ -13,6 +13,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+## bench: the benchmark against the yardstick (QUICK=1 for a run under 2 minutes)
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 ## lint: ruff check and format check
 lint: $(STAMP)
 	$(BIN)/ruff check .

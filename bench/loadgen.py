@@ -1,0 +1,626 @@
+"""Load generator: runs the scenarios against running servers, in its own process.
+
+    python bench/loadgen.py < spec.json > result.json
+
+The spec (written by run.py) names the ports, the server pids (for CPU/RSS
+sampling) and the scenario parameters. Progress lines go to stderr, the result
+JSON to stdout. Every wait is bounded, so a dead or stuck server ends a
+scenario with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import resource
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+from wsclient import WSClient, connect
+
+HOST = "127.0.0.1"
+PAD = "lorem ipsum dolor sit amet"
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pct(sorted_values: list[int], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] / 1e6
+
+
+def latency_summary(values_ns: list[int]) -> dict[str, float | None]:
+    v = sorted(values_ns)
+    return {
+        "p50_ms": pct(v, 0.50),
+        "p90_ms": pct(v, 0.90),
+        "p99_ms": pct(v, 0.99),
+        "max_ms": v[-1] / 1e6 if v else None,
+    }
+
+
+class StepStats:
+    __slots__ = ("ack_lat", "acks", "errors", "last_ns", "lat", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.lat: list[int] = []
+        self.last_ns = 0
+        self.acks = 0
+        self.ack_lat: list[int] = []
+        self.errors = 0
+
+
+class Servers:
+    """CPU and RSS of the server processes (and any children they spawn)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs: list[psutil.Process] = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                self.procs.append(proc)
+                self.procs.extend(proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+
+    def alive(self) -> bool:
+        try:
+            return bool(self.procs) and all(
+                p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self.procs
+            )
+        except psutil.Error:
+            return False
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+
+class Bench:
+    """State shared by all clients of one load generator run."""
+
+    def __init__(self, ports: list[int], pids: list[int]) -> None:
+        self.ports = ports
+        self.nonce = secrets.token_hex(3)
+        # Unique per run, so history replayed from earlier runs is never counted.
+        self.marker_s = f"~b{self.nonce}~"
+        self.marker = self.marker_s.encode()
+        self.mlen = len(self.marker)
+        self.steps: list[StepStats] = []
+        self.current: StepStats | None = None
+        self.setup_errors = 0
+        self.error_samples: Counter[str] = Counter()
+        self.other_frames: Counter[str] = Counter()
+        self.bad_frames = 0
+        self.control_frames = 0
+        self.next_cid = 0
+        self.servers = Servers(pids)
+
+    def new_step(self) -> tuple[int, StepStats]:
+        st = StepStats()
+        self.steps.append(st)
+        self.current = st
+        return len(self.steps) - 1, st
+
+    def parse_marker(self, text: Any) -> tuple[int, int, int] | None:
+        if not isinstance(text, str):
+            return None
+        i = text.find(self.marker_s)
+        if i < 0:
+            return None
+        try:
+            f = text[i + self.mlen :].split("~", 4)
+            return int(f[0]), int(f[1]), int(f[3])
+        except (ValueError, IndexError):
+            return None
+
+    def error(self, action: Any, message: Any) -> None:
+        if self.current is not None:
+            self.current.errors += 1
+        else:
+            self.setup_errors += 1
+        self.error_samples[f"{action}: {message}"] += 1
+
+    def activity(self) -> int:
+        """Grows with every frame received, whatever its kind."""
+        return self.control_frames + sum(st.received for st in self.steps)
+
+
+class Client(WSClient):
+    def __init__(self, host: str, port: int, path: str, bench: Bench, cid: int) -> None:
+        super().__init__(host, port, path)
+        self.bench = bench
+        self.cid = cid
+        self.cid_b = str(cid).encode()
+        self.nick: str | None = None
+        self.seq = 0
+        loop = asyncio.get_running_loop()
+        # Created up front: `connecting` may arrive in the same read as the 101.
+        self.hello: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def on_text(self, payload: bytes, now_ns: int) -> None:
+        # Hot path: a broadcast carrying exactly one marker from another client is
+        # counted without JSON decoding. Everything else takes the slow path.
+        b = self.bench
+        i = payload.find(b.marker)
+        if i >= 0:
+            j = i + b.mlen
+            if payload.find(b.marker, j) < 0:
+                f = payload[j : j + 80].split(b"~", 4)
+                if f[1] != self.cid_b:
+                    st = b.steps[int(f[0])]
+                    st.received += 1
+                    st.lat.append(now_ns - int(f[3]))
+                    st.last_ns = now_ns
+                    return
+        self.control(payload, now_ns)
+
+    def control(self, payload: bytes, now_ns: int) -> None:
+        b = self.bench
+        b.control_frames += 1
+        try:
+            d = json.loads(payload)
+        except ValueError:
+            b.bad_frames += 1
+            return
+        if not isinstance(d, dict):
+            b.bad_frames += 1
+            return
+        action = d.get("action")
+        success = d.get("success")
+        if success is False:
+            b.error(action, d.get("message"))
+        elif action == "chat_message":
+            parsed = b.parse_marker(d.get("message"))
+            if parsed is not None:
+                step, sid, t = parsed
+                st = b.steps[step]
+                if "success" in d:
+                    if sid == self.cid:
+                        st.acks += 1
+                        st.ack_lat.append(now_ns - t)
+                elif sid != self.cid:
+                    st.received += 1
+                    st.lat.append(now_ns - t)
+                    st.last_ns = now_ns
+        else:
+            b.other_frames[str(action)] += 1
+        if action == "connecting" and not self.hello.done():
+            self.nick = d.get("user")
+            self.hello.set_result(d)
+        waiter = self.waiters.pop(str(action), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(d)
+
+    def on_closed(self) -> None:
+        for waiter in (self.hello, *self.waiters.values()):
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("connection closed"))
+                waiter.exception()  # mark retrieved: nobody may be awaiting it any more
+        self.waiters.clear()
+
+    async def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+        action = str(payload["action"])
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[action] = fut
+        self.send_text(json.dumps(payload))
+        return await asyncio.wait_for(fut, timeout)
+
+    def send_chat(self, step: int) -> None:
+        self.seq += 1
+        text = f"{self.bench.marker_s}{step}~{self.cid}~{self.seq}~{time.monotonic_ns()}~{PAD}"
+        self.send_text('{"action":"chat_message","message":"' + text + '"}')
+
+
+async def open_client(bench: Bench, room: str | None, timeout: float) -> Client:
+    cid = bench.next_cid
+    bench.next_cid += 1
+    port = bench.ports[cid % len(bench.ports)]  # alternate between server processes
+    client = await connect(Client, HOST, port, "/chat", timeout, bench=bench, cid=cid)
+    try:
+        await asyncio.wait_for(client.hello, timeout)
+        if room is not None:
+            reply = await client.request({"action": "join_room", "room": room}, timeout)
+            if reply.get("success") is not True:
+                raise RuntimeError(f"join_room refused: {reply.get('message')!r}")
+    except BaseException:
+        client.abort()
+        raise
+    return client
+
+
+async def open_many(
+    bench: Bench,
+    count: int,
+    room_of: Callable[[int], str | None],
+    concurrency: int,
+    timeout: float,
+    deadline_s: float,
+) -> tuple[list[Client], dict[str, Any]]:
+    sem = asyncio.Semaphore(concurrency)
+    times: list[int] = []
+    failures: Counter[str] = Counter()
+    deadline = time.monotonic() + deadline_s
+
+    async def one(i: int) -> Client | None:
+        async with sem:
+            if time.monotonic() > deadline:
+                failures["deadline"] += 1
+                return None
+            t0 = time.monotonic_ns()
+            try:
+                client = await open_client(bench, room_of(i), timeout)
+            except Exception as exc:
+                failures[f"{type(exc).__name__}: {exc}"[:160]] += 1
+                return None
+            times.append(time.monotonic_ns() - t0)
+            return client
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.monotonic() - t0
+    clients = [c for c in results if c is not None]
+    stats = {
+        "requested": count,
+        "connected": len(clients),
+        "failed": count - len(clients),
+        "failure_samples": dict(failures.most_common(3)),
+        "seconds": round(elapsed, 3),
+        "connects_per_s": round(len(clients) / elapsed, 1) if elapsed > 0 else None,
+        "connect_latency": latency_summary(times),
+    }
+    return clients, stats
+
+
+async def close_all(clients: list[Client], timeout: float = 5.0) -> None:
+    for c in clients:
+        c.close(1000)
+    pending = [c.closed for c in clients if not c.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+        for c in clients:
+            if not c.closed.done():
+                c.abort()
+
+
+async def settle(bench: Bench, quiet_s: float, cap_s: float) -> None:
+    """Wait until no frame at all arrives for quiet_s (bounded by cap_s)."""
+    end = time.monotonic() + cap_s
+    last = bench.activity()
+    last_change = time.monotonic()
+    while time.monotonic() < end:
+        await asyncio.sleep(0.02)
+        now_count = bench.activity()
+        now = time.monotonic()
+        if now_count != last:
+            last, last_change = now_count, now
+        elif now - last_change >= quiet_s:
+            return
+
+
+async def run_step(
+    bench: Bench,
+    senders: list[Client],
+    rate: float,
+    duration: float,
+    fanout: int,
+    drain_cap: float,
+) -> dict[str, Any]:
+    """Send `rate` msg/s for `duration` s round-robin over senders, then drain."""
+    idx, st = bench.new_step()
+    total = max(1, round(rate * duration))
+    cpu0, lg0 = bench.servers.cpu_seconds(), time.process_time()
+    t0 = time.monotonic()
+    t0_ns = time.monotonic_ns()
+    hard_end = t0 + duration * 1.5 + 1.0  # the pacer never runs much past its slot
+    sent = 0
+    n = len(senders)
+    while sent < total:
+        now = time.monotonic()
+        if now > hard_end:
+            break
+        due = min(total, int((now - t0) * rate) + 1)
+        while sent < due:
+            senders[sent % n].send_chat(idx)
+            sent += 1
+        await asyncio.sleep(max(0.001, (due / rate) - (time.monotonic() - t0)))
+    t_send = time.monotonic()
+    window = t_send - t0
+    cpu1, lg1 = bench.servers.cpu_seconds(), time.process_time()
+    expected = sent * fanout
+    # Drain: until everything arrived, nothing arrived for a while, or the cap.
+    last, last_change = st.received, time.monotonic()
+    while time.monotonic() - t_send < drain_cap:
+        if st.received >= expected and st.acks >= sent:
+            break
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        if st.received != last:
+            last, last_change = st.received, now
+        elif now - last_change > 0.5:
+            break
+    bench.current = None
+    span_s = max(window, (st.last_ns - t0_ns) / 1e9) if st.last_ns else window
+    lat = latency_summary(st.lat)
+    return {
+        "offered_msgs_per_s": round(rate, 2),
+        "offered_deliveries_per_s": round(rate * fanout, 1),
+        "duration_s": round(window, 3),
+        "sent": sent,
+        "achieved_send_per_s": round(sent / window, 1) if window > 0 else None,
+        "acked": st.acks,
+        "errors": st.errors,
+        "expected": expected,
+        "received": st.received,
+        "delivery_ratio": round(st.received / expected, 5) if expected else None,
+        "delivered_per_s": round(st.received / span_s, 1) if span_s > 0 else 0.0,
+        "latency": lat,
+        "ack_latency": latency_summary(st.ack_lat),
+        "server_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1) if window > 0 else None,
+        "loadgen_cpu_pct": round(100 * (lg1 - lg0) / window, 1) if window > 0 else None,
+        "drain_s": round(time.monotonic() - t_send, 3),
+    }
+
+
+def fmt_step(label: str, name: str, r: dict[str, Any], ok: bool | None = None) -> str:
+    p99 = r["latency"]["p99_ms"]
+    p99_text = f"{p99:7.1f}" if p99 is not None else "      -"
+    verdict = "" if ok is None else ("  ok" if ok else "  FAIL")
+    return (
+        f"  [{label}] {name:<10} offered {r['offered_msgs_per_s']:>8.1f} msg/s "
+        f"({r['offered_deliveries_per_s']:>9,.0f} deliv/s) -> {r['delivered_per_s']:>9,.0f}/s "
+        f"ratio {r['delivery_ratio'] or 0:.3f} p99 {p99_text} ms "
+        f"err {r['errors']} | cpu server {r['server_cpu_pct']}% loadgen {r['loadgen_cpu_pct']}%"
+        f"{verdict}"
+    )
+
+
+async def user_count(client: Client, room: str, timeout: float) -> int | None:
+    try:
+        reply = await client.request({"action": "user_list", "room": room}, timeout)
+    except (TimeoutError, ConnectionError):
+        return None
+    users = reply.get("users")
+    return len(users) if isinstance(users, list) else None
+
+
+async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
+    room = f"fan{bench.nonce}"
+    n, timeout = p["clients"], p["timeout_s"]
+    clients, conn = await open_many(bench, n, lambda i: room, 50, timeout, 60)
+    result: dict[str, Any] = {"params": p, "room": room, "connect": conn, "steps": []}
+    try:
+        if conn["failed"]:
+            raise RuntimeError(f"{conn['failed']} of {n} clients failed to connect")
+        await settle(bench, 0.5, 10)  # let the joined/left flurry of the setup finish
+        result["user_list_count"] = await user_count(clients[0], room, timeout)
+        fan = n - 1
+        result["reconnects"] = 0
+        if p["warmup_s"]:
+            senders = clients[: p["senders"]]
+            r = await run_step(bench, senders, p["start_rate"], p["warmup_s"], fan, p["drain_s"])
+            r["warmup"] = True
+            result["warmup"] = r
+            log(fmt_step(label, "warm-up", r))
+            await settle(bench, 0.3, p["drain_s"])
+        budget_end = time.monotonic() + p["budget_s"]
+        lo: float | None = None
+        hi: float | None = None
+        rate = float(p["start_rate"])
+        best: dict[str, Any] | None = None
+        for _ in range(p["max_steps"]):
+            if time.monotonic() > budget_end or not bench.servers.alive():
+                break
+            # A server may drop clients it considers too slow; put them back in the room.
+            lost = [i for i, c in enumerate(clients) if c.closed.done()]
+            if lost:
+                fresh, _ = await open_many(bench, len(lost), lambda i: room, 50, timeout, 30)
+                for i, c in zip(lost, fresh, strict=False):
+                    clients[i] = c
+                result["reconnects"] += len(fresh)
+                log(
+                    f"  [{label}] fanout     {len(lost)} clients were disconnected, "
+                    f"{len(fresh)} reconnected"
+                )
+                if len(fresh) < len(lost):
+                    raise RuntimeError("could not restore the room after disconnects")
+                await settle(bench, 0.3, 5)
+            senders = clients[: p["senders"]]
+            r = await run_step(bench, senders, rate, p["step_s"], fan, p["drain_s"])
+            r["clients_lost"] = sum(1 for c in clients if c.closed.done())
+            p99 = r["latency"]["p99_ms"]
+            ok = (r["delivery_ratio"] or 0) >= p["min_ratio"] and (
+                p99 is not None and p99 <= p["p99_limit_ms"]
+            )
+            r["ok"] = ok
+            result["steps"].append(r)
+            log(fmt_step(label, "fanout", r, ok))
+            if ok:
+                lo = rate if lo is None else max(lo, rate)
+                if best is None or r["delivered_per_s"] > best["delivered_per_s"]:
+                    best = r
+            else:
+                hi = rate if hi is None else min(hi, rate)
+                await settle(bench, 0.3, p["drain_s"])  # let a backlog clear first
+            if hi is None:
+                rate *= p["factor"]
+                if rate > p["max_rate"]:
+                    break
+            elif lo is None:
+                rate /= p["factor"]
+                if rate < p["min_rate"]:
+                    break
+            else:
+                if hi / lo <= 1 + p["resolution"]:
+                    break
+                rate = math.sqrt(lo * hi)
+        result["max_sustained"] = (
+            {
+                "deliveries_per_s": best["delivered_per_s"],
+                "offered_msgs_per_s": best["offered_msgs_per_s"],
+                "offered_deliveries_per_s": best["offered_deliveries_per_s"],
+                "latency": best["latency"],
+                "server_cpu_pct": best["server_cpu_pct"],
+                "loadgen_cpu_pct": best["loadgen_cpu_pct"],
+            }
+            if best
+            else None
+        )
+        result["saturated"] = hi is not None
+    finally:
+        await close_all(clients)
+    return result
+
+
+async def scenario_many_rooms(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
+    rooms, per_room, spr = p["rooms"], p["per_room"], p["senders_per_room"]
+    names = [f"mr{bench.nonce}{i}" for i in range(rooms)]
+    clients, conn = await open_many(
+        bench, rooms * per_room, lambda i: names[i // per_room], 50, p["timeout_s"], 60
+    )
+    result: dict[str, Any] = {"params": p, "connect": conn}
+    try:
+        if conn["failed"]:
+            raise RuntimeError(f"{conn['failed']} clients failed to connect")
+        await settle(bench, 0.5, 10)
+        # open_many keeps order, so client k sits in room k // per_room.
+        senders = [clients[r * per_room + s] for r in range(rooms) for s in range(spr)]
+        rate = p["rate_per_sender"] * len(senders)
+        r = await run_step(bench, senders, rate, p["duration_s"], per_room - 1, p["drain_s"])
+        log(fmt_step(label, "many-rooms", r))
+        result.update(r)
+    finally:
+        await close_all(clients)
+    return result
+
+
+async def scenario_idle(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
+    n, size = p["connections"], p["room_size"]
+    # Each client leaves Default for a small room at once: otherwise every connect
+    # broadcasts `joined` to all earlier clients and the test becomes O(n^2) fan-out.
+    rss0 = bench.servers.rss()
+    cpu0 = bench.servers.cpu_seconds()
+    clients, conn = await open_many(
+        bench,
+        n,
+        lambda i: f"id{bench.nonce}{i // size}",
+        p["concurrency"],
+        p["timeout_s"],
+        p["deadline_s"],
+    )
+    cpu1 = bench.servers.cpu_seconds()
+    try:
+        await asyncio.sleep(p["hold_s"])
+        rss1 = bench.servers.rss()
+        alive = sum(1 for c in clients if not c.closed.done())
+    finally:
+        await close_all(clients, timeout=10)
+    await asyncio.sleep(0.5)
+    rss2 = bench.servers.rss()
+    connected = conn["connected"]
+    result = {
+        "params": p,
+        "connect": conn,
+        "connects_per_s": conn["connects_per_s"],
+        "still_open_after_hold": alive,
+        "rss_before_bytes": rss0,
+        "rss_after_bytes": rss1,
+        "rss_after_close_bytes": rss2,
+        "kb_per_connection": round((rss1 - rss0) / connected / 1024, 2) if connected else None,
+        "server_cpu_s_connecting": round(cpu1 - cpu0, 3),
+    }
+    log(
+        f"  [{label}] idle       {connected}/{n} connections, "
+        f"{conn['connects_per_s']} connects/s, {result['kb_per_connection']} KB/conn"
+    )
+    return result
+
+
+SCENARIOS = {
+    "fanout": scenario_fanout,
+    "many_rooms": scenario_many_rooms,
+    "idle": scenario_idle,
+}
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    bench = Bench(spec["ports"], spec["server_pids"])
+    label = spec["label"]
+    out: dict[str, Any] = {"label": label, "nonce": bench.nonce, "scenarios": {}}
+    out["server_rss_start_bytes"] = bench.servers.rss()
+    t0 = time.monotonic()
+    lg0 = time.process_time()
+    for name, params in spec["scenarios"].items():
+        if not bench.servers.alive():
+            out["scenarios"][name] = {"error": "server process is gone"}
+            continue
+        try:
+            out["scenarios"][name] = await SCENARIOS[name](bench, label, params)
+        except Exception as exc:
+            out["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"  [{label}] {name}: ERROR {type(exc).__name__}: {exc}")
+        await settle(bench, 0.2, 3.0)
+    elapsed = time.monotonic() - t0
+    out["loadgen"] = {
+        "pid": os.getpid(),
+        "seconds": round(elapsed, 2),
+        "cpu_s": round(time.process_time() - lg0, 2),
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "event_loop": type(asyncio.get_running_loop()).__module__,
+    }
+    out["setup_errors"] = bench.setup_errors
+    out["error_samples"] = dict(bench.error_samples.most_common(5))
+    out["other_frames"] = dict(bench.other_frames)
+    out["bad_frames"] = bench.bad_frames
+    out["server_alive_at_end"] = bench.servers.alive()
+    return out
+
+
+def main() -> None:
+    raise_nofile()
+    spec = json.load(sys.stdin)
+    try:
+        import uvloop  # optional: noticeably cheaper per read on the receiving side
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        result = runner.run(run(spec))
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

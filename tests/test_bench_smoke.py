@@ -1,0 +1,62 @@
+"""The benchmark harness runs end to end (smoke mode, the yardstick and our server).
+
+Structure and delivery only: no timing is asserted, so a slow CI machine cannot fail it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/run.py",
+            "--smoke",
+            "--configs",
+            "yardstick",
+            "daphne-1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    assert report["meta"]["mode"] == "smoke"
+    assert [row["config"] for row in report["summary"]] == ["yardstick", "daphne-1"]
+
+    for name in ("yardstick", "daphne-1"):
+        config = report["configs"][name]
+        assert config["status"] == "ok", config
+        fanout = config["scenarios"]["fanout"]
+        assert fanout["steps"]
+        for step in fanout["steps"]:
+            assert step["received"] > 0
+            assert "delivery_ratio" in step
+            assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= step["latency"].keys()
+            assert step["errors"] == 0
+        assert fanout["max_sustained"]["deliveries_per_s"] > 0
+
+        rooms = config["scenarios"]["many_rooms"]
+        assert rooms["received"] > 0
+        assert "delivery_ratio" in rooms
+
+        idle = config["scenarios"]["idle"]
+        assert idle["connect"]["connected"] > 0
+        assert "kb_per_connection" in idle
+        assert "connects_per_s" in idle
+
+    for row in report["summary"]:
+        for key in ("max_deliveries_per_s", "many_rooms_ratio", "idle_kb_per_conn"):
+            assert key in row
