@@ -134,7 +134,9 @@ REDIS_HOST = {
     "socket_connect_timeout": 3,
     "retry_on_timeout": False,
 }
-CHAT_LAYER = os.environ.get("CHAT_LAYER", "core")
+# pubsub (Redis PUBLISH/SUBSCRIBE) measured faster than core (lists polled with BZPOPMIN) for
+# this fan-out: see the README's "Choosing the channel layer".
+CHAT_LAYER = os.environ.get("CHAT_LAYER", "pubsub")
 if REDIS_URL and CHAT_LAYER == "pubsub":
     CHANNEL_LAYERS = {
         "default": {

@@ -32,6 +32,8 @@ from rooms.models import group_name
 
 log = logging.getLogger(__name__)
 
+PROBE_GROUP = "chat-probe"
+
 
 class Member(Protocol):
     """A connection as the hub sees it."""
@@ -282,6 +284,8 @@ class Hub:
                 if room_id not in self._subscribed:
                     await self.layer.group_add(group_name(room_id), self.process)
                     self._subscribed.add(room_id)
+            # A layer that is already subscribed may not touch Redis above; this always does.
+            await self.layer.group_send(PROBE_GROUP, {"type": "probe"})
         except Exception:
             self._layer_failed("group_add")
         else:
