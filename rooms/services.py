@@ -150,9 +150,42 @@ def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
     return old, Seat(nick=presence.nick, room_id=room.pk, room_name=room.name)
 
 
+@dataclass(frozen=True, slots=True)
+class Post:
+    """A chat message a connection wants stored."""
+
+    channel_name: str
+    room_id: int
+    author: str
+    text: str
+
+
 def message_create(*, room_id: int, author: str, text: str) -> Message:
     """Store a chat message; it is committed when this returns."""
     return Message.objects.create(room_id=room_id, author=author, text=text)
+
+
+@transaction.atomic
+def messages_create(*, posts: list[Post]) -> list[Message | None]:
+    """Store the messages of connections that are still present, in one transaction.
+
+    Returns, for each post, its stored message, or None if its connection was swept (its
+    nick may belong to someone else by now). Several posts share one commit when they
+    arrive together, which is what keeps the database off the hot path under load.
+    """
+    senders = {post.channel_name for post in posts}
+    present = set(
+        Presence.objects.filter(channel_name__in=senders).values_list("channel_name", flat=True)
+    )
+    now = timezone.now()
+    stored: list[Message | None] = [
+        Message(room_id=post.room_id, author=post.author, text=post.text, created_at=now)
+        if post.channel_name in present
+        else None
+        for post in posts
+    ]
+    Message.objects.bulk_create([message for message in stored if message is not None])
+    return stored
 
 
 def presence_heartbeat(*, process: str) -> int:
