@@ -209,7 +209,9 @@ CHAT_RATE_BURST = env_float("CHAT_RATE_BURST", 20.0)
 CHAT_RATE_STRIKES = env_int("CHAT_RATE_STRIKES", 10)
 CHAT_HEARTBEAT_SECONDS = env_float("CHAT_HEARTBEAT_SECONDS", 2.0)
 CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
-CHAT_SEND_BACKLOG = env_int("CHAT_SEND_BACKLOG", 1000)
+# A reader with more than this many bytes unsent is disconnected (1008) rather than buffered
+# for without bound or allowed to slow its room down.
+CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
 # Close sockets with 1001 and remove their presence on SIGTERM/SIGINT before the server stops.
 CHAT_GRACEFUL_SHUTDOWN = True

@@ -16,6 +16,7 @@ from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
 from rooms.protocol import ProtocolError
+from rooms.serving import backlog_gauge
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,17 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 class FrameGuard(AsyncJsonWebsocketConsumer):
     """What every JSON endpoint shares: no per-connection layer mailbox, no per-frame
-    database hop, bounded frames, and a reply instead of a traceback for bad input."""
+    database hop, bounded frames, flood control, a reply instead of a traceback for bad
+    input, and a 1001 close when the server shuts down."""
 
     # Broadcasts and direct events reach the socket through the process hub, so the consumer
     # does not open a channel-layer mailbox of its own (one fewer layer receive per recipient
     # per message, and less memory per idle connection).
     channel_layer_alias = None
+
+    hub: Hub
+    limiter: RateLimiter
+    backlog: Callable[[], int] | None = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
@@ -53,6 +59,26 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
     async def send_body(self, body: dict[str, Any]) -> None:
         await self.base_send({"type": "websocket.send", "text": protocol.encode(body)})
 
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.hub = get_hub()
+        self.hub.open_socket(self)
+        await self.accept()
+        if self.hub.shutting_down:
+            await self.close(CLOSE_GOING_AWAY)
+            return
+        self.limiter = RateLimiter(
+            rate=settings.CHAT_RATE_PER_SEC,
+            burst=settings.CHAT_RATE_BURST,
+            max_strikes=settings.CHAT_RATE_STRIKES,
+        )
+        self.backlog = backlog_gauge(self.base_send, settings.CHAT_SEND_BACKLOG_BYTES)
+        await self.opened()
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.hub.close_socket(self)
+        await self.closed(message.get("code"))
+        raise StopConsumer
+
     async def websocket_receive(self, message: dict[str, Any]) -> None:
         text = message.get("text")
         if text is None:
@@ -61,7 +87,18 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         if _too_big(text, settings.CHAT_MAX_FRAME_BYTES):
             await self.close(CLOSE_TOO_BIG)
             return
+        if not self.limiter.allow():
+            await self.send_body(protocol.fail(protocol.peek_action(text), protocol.SLOW_DOWN))
+            if self.limiter.exhausted:
+                await self.close(CLOSE_POLICY_VIOLATION)
+            return
         await self.receive_text(text)
+
+    async def opened(self) -> None:
+        """The socket was accepted."""
+
+    async def closed(self, code: int | None) -> None:
+        """The socket is gone; `code` is the close code (1006: dropped without a close)."""
 
     async def receive_text(self, text: str) -> None:
         raise NotImplementedError
@@ -79,9 +116,9 @@ class EchoConsumer(FrameGuard):
 
     async def receive_text(self, text: str) -> None:
         try:
-            value = protocol.json.loads(text)
-        except ValueError:
-            await self.send_body(protocol.fail(None, "Invalid JSON."))
+            value = protocol.decode_value(text)
+        except ProtocolError as refused:
+            await self.send_body(protocol.fail(None, refused.message))
             return
         await self.send_body(protocol.echo(value))
 
@@ -90,23 +127,11 @@ Action = Callable[["ChatConsumer", dict[str, Any]], Awaitable[None]]
 
 
 class ChatConsumer(FrameGuard):
-    """/chat: rooms and nicknames, as described in the protocol documentation."""
+    """/chat: rooms and nicknames, as described in docs/protocol.md."""
 
-    hub: Hub
     seat: services.Seat | None = None
-    limiter: RateLimiter
 
-    async def websocket_connect(self, message: dict[str, Any]) -> None:
-        await self.accept()
-        self.hub = get_hub()
-        self.limiter = RateLimiter(
-            rate=settings.CHAT_RATE_PER_SEC,
-            burst=settings.CHAT_RATE_BURST,
-            max_strikes=settings.CHAT_RATE_STRIKES,
-        )
-        if self.hub.shutting_down:
-            await self.close(CLOSE_GOING_AWAY)
-            return
+    async def opened(self) -> None:
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
@@ -117,58 +142,56 @@ class ChatConsumer(FrameGuard):
             )
         except Exception:
             log.exception("could not seat a new connection")
-            await self.send_body(
-                {"action": "connecting", "success": False, "message": protocol.UNAVAILABLE}
-            )
+            await self.send_body(protocol.fail("connecting", protocol.UNAVAILABLE))
             await self.close(CLOSE_TRY_AGAIN_LATER)
             return
         self.seat = seat
         self.hub.attach(self)
-        await self.send_body(protocol.connecting(seat.room_name, seat.nick))
-        await self.hub.enter(self, seat.room_id)
-        await self._broadcast(protocol.joined(seat.room_name, seat.nick))
-        await self._send_history(
-            protocol.HistoryQuery(
-                room=seat.room_name, before=None, after=None, limit=settings.CHAT_HISTORY_DEFAULT
-            )
-        )
-
-    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
-        seat = self.seat
-        if seat is not None:
-            self.seat = None
-            self.hub.detach(self)
-            self.hub.leave(self, seat.room_id)
-            # 1006 means the socket died without a close frame: a killed client, a lost network.
-            shame = message.get("code") == CLOSE_ABNORMAL
-            try:
-                gone = await database_sync_to_async(services.presence_disconnect)(
-                    channel_name=self.channel_name
+        try:
+            await self.send_body(protocol.connecting(seat.room_name, seat.nick))
+            await self.hub.enter(self, seat.room_id)
+            await self._broadcast(protocol.joined(seat.room_name, seat.nick))
+            await self._send_history(
+                protocol.HistoryQuery(
+                    room=seat.room_name,
+                    before=None,
+                    after=None,
+                    limit=settings.CHAT_HISTORY_DEFAULT,
                 )
-                if gone is not None:
-                    await self.hub.broadcast(
-                        gone.room_id, protocol.left(gone.room_name, gone.nick, shame=shame)
-                    )
-            except Exception:
-                # The sweep removes the presence once this process stops heartbeating it.
-                log.exception("could not clear presence of %s", self.channel_name)
-        raise StopConsumer
+            )
+        except Exception:
+            # Seated but not fully greeted: close, and let closed() take the seat back.
+            log.exception("could not finish connecting %s", self.channel_name)
+            await self.close(CLOSE_INTERNAL_ERROR)
+
+    async def closed(self, code: int | None) -> None:
+        seat = self.seat
+        if seat is None:
+            return
+        self.seat = None
+        self.hub.detach(self)
+        self.hub.leave(self, seat.room_id)
+        shame = code == CLOSE_ABNORMAL
+        try:
+            gone = await database_sync_to_async(services.presence_disconnect)(
+                channel_name=self.channel_name
+            )
+        except Exception:
+            log.warning("could not clear presence of %s; retrying later", self.channel_name)
+            self.hub.orphan(self.channel_name, shame=shame)
+            return
+        if gone is not None:
+            await self.hub.broadcast(
+                gone.room_id, protocol.left(gone.room_name, gone.nick, shame=shame)
+            )
 
     async def receive_text(self, text: str) -> None:
         if self.seat is None:
             return
         try:
             action, body = protocol.decode(text)
-            problem = None
-        except ProtocolError as error:
-            action, body, problem = error.action, {}, error.message
-        if not self.limiter.allow():
-            await self.send_body(protocol.fail(action, protocol.SLOW_DOWN))
-            if self.limiter.exhausted:
-                await self.close(CLOSE_POLICY_VIOLATION)
-            return
-        if problem is not None:
-            await self.send_body(protocol.fail(None, problem))
+        except ProtocolError as refused:
+            await self.send_body(protocol.fail(None, refused.message))
             return
         handler = self.actions.get(action)
         if handler is None:
@@ -242,8 +265,10 @@ class ChatConsumer(FrameGuard):
             # It could be stored but not delivered to the other processes' members.
             raise ProtocolError("chat_message", protocol.UNAVAILABLE)
         seat = self.seat
-        stored = await database_sync_to_async(services.message_create)(
-            room_id=seat.room_id, author=seat.nick, text=text
+        stored = await self.hub.writer.store(
+            services.Post(
+                channel_name=self.channel_name, room_id=seat.room_id, author=seat.nick, text=text
+            )
         )
         ts = protocol.timestamp(stored.created_at)
         await self.send_body(protocol.chat_ack(text, stored.pk, ts))

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -28,21 +29,74 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
 from rooms import protocol, services
-from rooms.models import group_name
+from rooms.models import Message, group_name
 
 log = logging.getLogger(__name__)
 
 PROBE_GROUP = "chat-probe"
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+# At most this many messages share one transaction.
+MAX_BATCH = 500
 
 
-class Member(Protocol):
-    """A connection as the hub sees it."""
-
-    channel_name: str
+class Socket(Protocol):
+    """Any WebSocket of this process, as shutdown sees it."""
 
     async def base_send(self, message: dict[str, Any]) -> None: ...
 
+
+class Member(Socket, Protocol):
+    """A /chat connection, as the fan-out sees it."""
+
+    channel_name: str
+    # Bytes waiting unsent on the socket, if the server lets us know (rooms/serving.py).
+    backlog: Callable[[], int] | None
+
     async def on_direct(self, event: dict[str, Any]) -> None: ...
+
+
+class MessageWriter:
+    """Stores chat messages with group commit: posts that arrive while a write is in flight
+    go together in the next one, so the database costs one round trip per batch under load
+    and nothing extra when idle."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[services.Post, asyncio.Future[Message]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def store(self, post: services.Post) -> Message:
+        """Return once the message is committed; NotConnected if the sender was swept."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting.append((post, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
+                try:
+                    stored = await database_sync_to_async(services.messages_create)(
+                        posts=[post for post, _ in batch]
+                    )
+                except Exception as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (post, future), message in zip(batch, stored, strict=True):
+                    if future.done():
+                        continue
+                    if message is None:
+                        future.set_exception(services.NotConnected(post.channel_name))
+                    else:
+                        future.set_result(message)
+        finally:
+            self._draining = None
 
 
 class Hub:
@@ -52,17 +106,25 @@ class Hub:
         self.distributed = layer is not None and not isinstance(layer, InMemoryChannelLayer)
         self.process = ""
         self.worker = ""
+        self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
+        self.writer = MessageWriter()
+        self.layer_healthy = True
+        self.shutting_down = False
+        self.slow_dropped = 0
+        self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
+        self._orphans: dict[str, bool] = {}
         self._subscribed: set[int] = set()
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._start_lock = asyncio.Lock()
-        self.layer_healthy = True
-        self.shutting_down = False
         self._emptied = asyncio.Event()
         self._database_ok_since: float | None = None
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if settings.CHAT_GRACEFUL_SHUTDOWN and in_main_thread:
+            _close_on_signals(self)
 
     async def start(self, scope: dict[str, Any]) -> None:
         """Open the mailbox, clear what an earlier incarnation left, start the heartbeat."""
@@ -84,8 +146,6 @@ class Hub:
             if self.distributed:
                 self._tasks.append(asyncio.create_task(self._receive_loop()))
             self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
-            if settings.CHAT_GRACEFUL_SHUTDOWN:
-                _close_on_signals(self)
             self._started = True
             log.info("hub started: worker %s, mailbox %s", self.worker, self.process)
 
@@ -94,35 +154,37 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
+            # channels-redis' receive can ignore a cancel for a while; do not wait on it.
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
 
-    async def shutdown(self, *, code: int = 1001, grace: float = 3.0) -> None:
+    async def shutdown(self, *, code: int = CLOSE_GOING_AWAY, grace: float = 3.0) -> None:
         """Close every socket of this process, remove their presence and tell their rooms."""
         if self.shutting_down:
             return
         self.shutting_down = True
-        members = list(self.members.values())
-        log.info("shutting down: closing %d sockets with %d", len(members), code)
-        for member in members:
+        sockets = list(self.sockets)
+        log.info("shutting down: closing %d sockets with %d", len(sockets), code)
+        for sock in sockets:
             try:
-                await member.base_send({"type": "websocket.close", "code": code})
+                await sock.base_send({"type": "websocket.close", "code": code})
             except Exception:
-                log.debug("close of %s failed", member.channel_name, exc_info=True)
-        try:
-            departures = await database_sync_to_async(services.presence_clear_process)(
-                process=self.process
-            )
-        except Exception:
-            # The other processes' sweep removes them once this one stops heartbeating.
-            log.exception("could not remove this process's presence")
-        else:
-            for gone in departures:
-                await self.broadcast(
-                    gone.room_id, protocol.left(gone.room_name, gone.nick, shame=False)
+                log.debug("close failed", exc_info=True)
+        if self._started:
+            try:
+                departures = await database_sync_to_async(services.presence_clear_process)(
+                    process=self.process
                 )
+            except Exception:
+                # The other processes' sweep removes them once this one stops heartbeating.
+                log.exception("could not remove this process's presence")
+            else:
+                for gone in departures:
+                    await self.broadcast(
+                        gone.room_id, protocol.left(gone.room_name, gone.nick, shame=False)
+                    )
         # Give clients a moment to answer the close handshake before the server goes.
-        if self.members:
+        if self.sockets:
             self._emptied.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._emptied.wait(), grace)
@@ -133,13 +195,23 @@ class Hub:
         """A new connection address on this process, unique across the service."""
         return f"{self.process}|{next(self._numbers)}"
 
+    def open_socket(self, sock: Socket) -> None:
+        self.sockets.add(sock)
+
+    def close_socket(self, sock: Socket) -> None:
+        self.sockets.discard(sock)
+        if not self.sockets:
+            self._emptied.set()
+
     def attach(self, member: Member) -> None:
         self.members[member.channel_name] = member
 
     def detach(self, member: Member) -> None:
         self.members.pop(member.channel_name, None)
-        if not self.members:
-            self._emptied.set()
+
+    def orphan(self, channel_name: str, *, shame: bool) -> None:
+        """A closed connection whose presence could not be removed: the heartbeat retries."""
+        self._orphans[channel_name] = shame
 
     async def enter(self, member: Member, room_id: int) -> None:
         """Deliver the room's broadcasts to this member from now on."""
@@ -153,7 +225,7 @@ class Hub:
                 await self.layer.group_add(group_name(room_id), self.process)
             except Exception:
                 # The heartbeat adds it again; until then only local members hear the room.
-                log.exception("could not subscribe to room %s", room_id)
+                self._layer_failed("group_add")
 
     def leave(self, member: Member, room_id: int) -> None:
         """Stop delivering the room's broadcasts to this member.
@@ -199,14 +271,35 @@ class Hub:
         local = self.rooms.get(room_id)
         if not local:
             return
+        limit = self.backlog_limit
         for member in tuple(local.values()):
             if member.channel_name == skip:
+                continue
+            backlog = member.backlog
+            if backlog is not None and backlog() > limit:
+                self._drop_slow(member, room_id)
                 continue
             try:
                 await member.base_send(message)
             except Exception:
                 # A socket that closed under us; its own disconnect cleans up.
                 log.debug("send to %s failed", member.channel_name, exc_info=True)
+
+    def _drop_slow(self, member: Member, room_id: int) -> None:
+        """Disconnect a reader that fell too far behind, rather than buffer for it without
+        bound or slow its room down. Its own disconnect removes its presence."""
+        self.leave(member, room_id)
+        self.slow_dropped += 1
+        log.warning(
+            "dropping %s: more than %d bytes unread (%d slow readers dropped so far)",
+            member.channel_name,
+            self.backlog_limit,
+            self.slow_dropped,
+        )
+        task = asyncio.ensure_future(
+            member.base_send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
+        )
+        task.add_done_callback(_ignore_result)
 
     async def _direct(self, channel_name: str, event: dict[str, Any]) -> None:
         member = self.members.get(channel_name)
@@ -257,6 +350,8 @@ class Hub:
             raise
         if self._database_ok_since is None:
             self._database_ok_since = time.monotonic()
+        if self._orphans:
+            await self._bury_orphans()
         if present < len(self.members):
             await self._drop_swept_members()
         if self.distributed:
@@ -269,6 +364,17 @@ class Hub:
                 timeout_seconds=timeout
             )
             await self._announce(departures)
+
+    async def _bury_orphans(self) -> None:
+        for channel_name, shame in list(self._orphans.items()):
+            gone = await database_sync_to_async(services.presence_disconnect)(
+                channel_name=channel_name
+            )
+            del self._orphans[channel_name]
+            if gone is not None:
+                await self.broadcast(
+                    gone.room_id, protocol.left(gone.room_name, gone.nick, shame=shame)
+                )
 
     async def _resubscribe(self) -> None:
         # Re-adding is what survives a Redis restart that lost the groups; it also refreshes
@@ -299,7 +405,10 @@ class Hub:
             if channel_name not in alive:
                 log.warning("%s was swept while connected; closing it", channel_name)
                 await member.on_direct(
-                    {"body": protocol.fail("connecting", protocol.UNAVAILABLE), "close": 1013}
+                    {
+                        "body": protocol.fail("connecting", protocol.UNAVAILABLE),
+                        "close": CLOSE_TRY_AGAIN_LATER,
+                    }
                 )
 
     def _layer_failed(self, what: str) -> None:
@@ -323,17 +432,28 @@ class Hub:
                     self._layer_failed("group_discard")
 
 
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+_signals_taken = False
+
+
 def _close_on_signals(hub: Hub) -> None:
     """On SIGTERM or SIGINT, close every socket with 1001 first, then let the server stop.
 
     daphne (Twisted) and uvicorn both stop on these signals by themselves but would drop the
     sockets without a proper close and without removing their presence.
     """
+    global _signals_taken
+    if _signals_taken:
+        return
+    _signals_taken = True
     loop = asyncio.get_running_loop()
 
     def wrap(signum: int, previous: Callable[..., Any] | int | None) -> Callable[..., None]:
         def pass_on(_: object = None) -> None:
-            log.info("handing signal %s on to the server", signum)
             server = getattr(previous, "__self__", None)
             if hasattr(server, "should_exit"):
                 # uvicorn: ask it to exit, rather than through its handler, which re-raises

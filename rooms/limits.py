@@ -4,8 +4,8 @@ import time
 
 
 class RateLimiter:
-    """A token bucket with strikes: over-limit frames are refused, and a client that keeps
-    sending past the limit earns strikes until it is disconnected."""
+    """A token bucket with strikes: over-limit frames are refused, and `max_strikes` refused
+    frames in a row mean the client is not slowing down and must be disconnected."""
 
     __slots__ = ("burst", "max_strikes", "rate", "stamp", "strikes", "tokens")
 
@@ -32,4 +32,4 @@ class RateLimiter:
     @property
     def exhausted(self) -> bool:
         """The client ignored enough refusals that it should be disconnected."""
-        return self.strikes > self.max_strikes
+        return self.strikes >= self.max_strikes

@@ -1,8 +1,9 @@
 """The /chat wire protocol: validation of incoming frames and the bodies the server sends.
 
 Pure functions, no I/O: the consumer decodes a frame here, calls a service, and sends what these
-builders return. Bodies marked compat must keep their exact keys and strings: clients written for
-the original aiohttp chat server compare them.
+builders return. The bodies the original aiohttp chat server sent (docs/protocol.md lists them)
+must keep their exact keys and strings: clients written for it compare them. Keys may be added,
+never removed or renamed.
 """
 
 import json
@@ -38,12 +39,28 @@ class ProtocolError(Exception):
         self.message = message
 
 
-def decode(text: str) -> tuple[str, dict[str, Any]]:
-    """Parse one text frame into (action, body), or raise ProtocolError."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def decode_value(text: str) -> Any:
+    """Parse one text frame as strict JSON (no NaN or Infinity, which JSON does not have)."""
     try:
-        body = json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError:
         raise ProtocolError(None, "Invalid JSON.") from None
+
+
+def decode(text: str) -> tuple[str, dict[str, Any]]:
+    """Parse one text frame into (action, body), or raise ProtocolError."""
+    body = decode_value(text)
     if not isinstance(body, dict):
         raise ProtocolError(None, "A frame must be a JSON object.")
     action = body.get("action")
@@ -54,6 +71,16 @@ def decode(text: str) -> tuple[str, dict[str, Any]]:
 
 def _columns(name: str) -> int:
     return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in name)
+
+
+def peek_action(text: str) -> Any:
+    """The action a frame names, if it is a JSON object naming one; for error replies."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    action = body.get("action") if isinstance(body, dict) else None
+    return action if isinstance(action, str) else None
 
 
 def clean_name(value: Any) -> str | None:
@@ -129,7 +156,9 @@ def history_query_from(
     room = body.get("room", current)
     if not isinstance(room, str):
         raise ProtocolError("history", ROOM_MESSAGE)
-    limit = body.get("limit", default_limit)
+    limit = body.get("limit")
+    if limit is None:
+        limit = default_limit
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit:
         raise ProtocolError("history", f'"limit" must be an integer from 1 to {max_limit}.')
     return HistoryQuery(
