@@ -3,11 +3,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench install clean
+.PHONY: run cluster test lint format bench install clean
 
 ## run: set everything up and serve the chat on port $(PORT) (default 8080; SERVER=uvicorn for the fast option)
 run: $(STAMP)
 	VENV=$(VENV) bin/serve
+
+## cluster: $(WORKERS) workers (default 2) on Redis and PostgreSQL, ports 8081.. (see README)
+cluster: $(STAMP)
+	VENV=$(VENV) bin/cluster
 
 ## test: the whole test suite
 test: $(STAMP)
