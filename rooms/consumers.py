@@ -16,13 +16,12 @@ from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
 from rooms.protocol import ProtocolError
-from rooms.serving import backlog_gauge
+from rooms.serving import backlog_gauge, dropped_without_close, frame_writer
 
 log = logging.getLogger(__name__)
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_ABNORMAL = 1006
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
@@ -42,6 +41,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
     hub: Hub
     limiter: RateLimiter
     backlog: Callable[[], int] | None = None
+    write_frame: Callable[[bytes], bool] | None = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
@@ -72,6 +72,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
             max_strikes=settings.CHAT_RATE_STRIKES,
         )
         self.backlog = backlog_gauge(self.base_send, settings.CHAT_SEND_BACKLOG_BYTES)
+        self.write_frame = frame_writer(self.base_send)
         await self.opened()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
@@ -171,7 +172,7 @@ class ChatConsumer(FrameGuard):
         self.seat = None
         self.hub.detach(self)
         self.hub.leave(self, seat.room_id)
-        shame = code == CLOSE_ABNORMAL
+        shame = dropped_without_close(self.base_send, code)
         try:
             gone = await database_sync_to_async(services.presence_disconnect)(
                 channel_name=self.channel_name

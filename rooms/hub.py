@@ -28,7 +28,7 @@ from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
-from rooms import protocol, services
+from rooms import protocol, services, serving
 from rooms.models import Message, group_name
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Member(Socket, Protocol):
     channel_name: str
     # Bytes waiting unsent on the socket, if the server lets us know (rooms/serving.py).
     backlog: Callable[[], int] | None
+    # Writes a ready-made frame straight to the socket, where that is safe (rooms/serving.py).
+    write_frame: Callable[[bytes], bool] | None
 
     async def on_direct(self, event: dict[str, Any]) -> None: ...
 
@@ -242,7 +244,7 @@ class Hub:
     async def broadcast(self, room_id: int, body: dict[str, Any], skip: str | None = None) -> None:
         """Send one body to every member of a room on every process, except `skip`."""
         text = protocol.encode(body)
-        await self._deliver(room_id, {"type": "websocket.send", "text": text}, skip)
+        await self._deliver(room_id, text, skip)
         if self.distributed:
             try:
                 await self.layer.group_send(
@@ -267,17 +269,22 @@ class Hub:
         elif self.distributed:
             await self.layer.send(process, {"type": "conn.direct", "to": channel_name, **event})
 
-    async def _deliver(self, room_id: int, message: dict[str, Any], skip: str | None) -> None:
+    async def _deliver(self, room_id: int, text: str, skip: str | None) -> None:
         local = self.rooms.get(room_id)
         if not local:
             return
         limit = self.backlog_limit
+        frame = serving.text_frame(text.encode())
+        message = {"type": "websocket.send", "text": text}
         for member in tuple(local.values()):
             if member.channel_name == skip:
                 continue
             backlog = member.backlog
             if backlog is not None and backlog() > limit:
                 self._drop_slow(member, room_id)
+                continue
+            write_frame = member.write_frame
+            if write_frame is not None and write_frame(frame):
                 continue
             try:
                 await member.base_send(message)
@@ -321,8 +328,7 @@ class Hub:
             try:
                 if kind == "room.fanout":
                     if event["origin"] != self.process:
-                        message = {"type": "websocket.send", "text": event["text"]}
-                        await self._deliver(event["room"], message, event["skip"])
+                        await self._deliver(event["room"], event["text"], event["skip"])
                 elif kind == "conn.direct":
                     await self._direct(event["to"], event)
             except Exception:
