@@ -32,10 +32,11 @@ def group_name(room_id: int) -> str:
 
 
 class Nickname(models.Model):
-    """Every nick ever taken, for moderators: when it was first and last seen."""
+    """Every nick someone chose (set_nick), for moderators: when it was first and last seen."""
 
     name = models.CharField(max_length=20)
-    key = models.CharField(max_length=80, unique=True)
+    # NFKC can turn one character into up to 18 (U+FDFA), so 20 characters may need 360.
+    key = models.CharField(max_length=400, unique=True)
     first_seen = models.DateTimeField(db_default=Now())
     last_seen = models.DateTimeField(db_default=Now())
 
@@ -78,7 +79,7 @@ class Presence(models.Model):
         max_length=200, db_index=True, help_text="Stable name of the owning server process."
     )
     nick = models.CharField(max_length=20)
-    nick_key = models.CharField(max_length=80, unique=True)
+    nick_key = models.CharField(max_length=400, unique=True)
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="presences")
     connected_at = models.DateTimeField(db_default=Now())
     joined_at = models.DateTimeField(db_default=Now(), help_text="When it entered its room.")

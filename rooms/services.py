@@ -59,6 +59,7 @@ def _departure(presence: Presence) -> Departure:
 
 
 def _nickname_seen(nick: str) -> None:
+    # Chosen nicks only: the random User<n> of every guest would bury them.
     Nickname.objects.bulk_create(
         [Nickname(name=nick, key=name_key(nick), last_seen=timezone.now())],
         update_conflicts=True,
@@ -77,9 +78,12 @@ def _presence(channel_name: str, *, for_update: bool = False) -> Presence:
         raise NotConnected(channel_name) from None
 
 
-@transaction.atomic
 def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
-    """Seat a new connection in the default room under a random free nick `User<n>`."""
+    """Seat a new connection in the default room under a random free nick `User<n>`.
+
+    Each attempt is its own small transaction (a savepoint inside a caller's): one that
+    loses a nick to another connection simply tries another number.
+    """
     room, _ = Room.objects.get_or_create(name=DEFAULT_ROOM)
     for _attempt in range(100):
         nick = f"User{secrets.randbelow(1_000_000)}"
@@ -95,7 +99,6 @@ def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
                 )
         except IntegrityError:
             continue
-        _nickname_seen(nick)
         return Seat(nick=nick, room_id=room.pk, room_name=room.name)
     raise RuntimeError("no free random nick after 100 attempts")
 
@@ -107,7 +110,7 @@ def presence_disconnect(*, channel_name: str) -> Departure | None:
         presence = _presence(channel_name, for_update=True)
     except NotConnected:
         return None
-    presence.delete()
+    Presence.objects.filter(pk=presence.pk).delete()
     Nickname.objects.filter(key=presence.nick_key).update(last_seen=Now())
     return _departure(presence)
 
@@ -137,7 +140,7 @@ def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
         raise AlreadyInRoom(room_name)
     room, _ = Room.objects.get_or_create(name=room_name)
     # A fresh row gets a fresh id, and id order is the order users entered their room.
-    presence.delete()
+    Presence.objects.filter(pk=presence.pk).delete()
     Presence.objects.create(
         channel_name=presence.channel_name,
         process=presence.process,
