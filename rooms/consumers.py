@@ -50,7 +50,16 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
+        try:
+            await handler(message)
+        except OSError:
+            if message["type"] == "websocket.disconnect":
+                raise
+            # The peer went away while we were answering it (uvicorn's send raises
+            # ClientDisconnected, an OSError, rather than queueing the disconnect first): leave
+            # the way every closed socket leaves, or its seat would outlive it.
+            log.debug("peer of %s gone mid-send", self.scope.get("path"), exc_info=True)
+            await self.websocket_disconnect({"type": "websocket.disconnect", "code": 1005})
 
     @classmethod
     async def encode_json(cls, content: Any) -> str:

@@ -410,12 +410,16 @@ class Hub:
         for channel_name, member in list(self.members.items()):
             if channel_name not in alive:
                 log.warning("%s was swept while connected; closing it", channel_name)
-                await member.on_direct(
-                    {
-                        "body": protocol.fail("connecting", protocol.UNAVAILABLE),
-                        "close": CLOSE_TRY_AGAIN_LATER,
-                    }
-                )
+                try:
+                    await member.on_direct(
+                        {
+                            "body": protocol.fail("connecting", protocol.UNAVAILABLE),
+                            "close": CLOSE_TRY_AGAIN_LATER,
+                        }
+                    )
+                except Exception:
+                    # Already gone: its own disconnect finishes the job.
+                    log.debug("closing %s failed", channel_name, exc_info=True)
 
     def _layer_failed(self, what: str) -> None:
         if self.layer_healthy:
