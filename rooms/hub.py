@@ -11,6 +11,7 @@ Any single connection is reachable from any process through `send_to` with the `
 """
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -39,6 +40,8 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 # At most this many messages share one transaction.
 MAX_BATCH = 500
+# Broadcasts kept for replay while the channel layer is down; older ones are dropped.
+MAX_UNDELIVERED = 1000
 
 
 class Socket(Protocol):
@@ -115,8 +118,13 @@ class Hub:
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0
+        self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
+        self._undelivered: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=MAX_UNDELIVERED
+        )
+        self._healthy_beats = 0
         self._subscribed: set[int] = set()
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -246,21 +254,33 @@ class Hub:
         text = protocol.encode(body)
         await self._deliver(room_id, text, skip)
         if self.distributed:
+            event = {
+                "type": "room.fanout",
+                "room": room_id,
+                "text": text,
+                "skip": skip,
+                "origin": self.process,
+            }
+            if self._undelivered:
+                # Keep the order: this one goes out after those still waiting.
+                self._hold(event)
+                return
             try:
-                await self.layer.group_send(
-                    group_name(room_id),
-                    {
-                        "type": "room.fanout",
-                        "room": room_id,
-                        "text": text,
-                        "skip": skip,
-                        "origin": self.process,
-                    },
-                )
+                await self.layer.group_send(group_name(room_id), event)
             except Exception:
-                # The other processes miss this one; history has it. Posting is refused
-                # until the layer answers again, so nothing more goes unheard.
+                # Joins, leaves and renames are replayed once the layer is back; posting is
+                # refused until then, so no acknowledged message goes unheard.
+                self._hold(event)
                 self._layer_failed("group_send")
+
+    def _hold(self, event: dict[str, Any]) -> None:
+        if len(self._undelivered) == MAX_UNDELIVERED:
+            self.undelivered_dropped += 1
+            log.warning(
+                "channel layer down too long: dropped the oldest held broadcast (%d so far)",
+                self.undelivered_dropped,
+            )
+        self._undelivered.append(event)
 
     async def send_to(self, *, process: str, channel_name: str, event: dict[str, Any]) -> None:
         """Hand an event to one connection, wherever it lives."""
@@ -399,9 +419,28 @@ class Hub:
             # A layer that is already subscribed may not touch Redis above; this always does.
             await self.layer.group_send(PROBE_GROUP, {"type": "probe"})
         except Exception:
+            self._healthy_beats = 0
             self._layer_failed("group_add")
-        else:
-            self._layer_recovered()
+            return
+        self._layer_recovered()
+        self._healthy_beats += 1
+        # Replay one heartbeat after recovery: by then every live process has re-joined its
+        # rooms' groups (they heal on their own heartbeats), so the replay reaches them.
+        if self._undelivered and self._healthy_beats >= 2:
+            await self._replay()
+
+    async def _replay(self) -> None:
+        """Publish, in order, the broadcasts that failed while the layer was down."""
+        log.info("replaying %d broadcasts held while the layer was down", len(self._undelivered))
+        while self._undelivered:
+            event = self._undelivered[0]
+            try:
+                await self.layer.group_send(group_name(event["room"]), event)
+            except Exception:
+                self._healthy_beats = 0
+                self._layer_failed("group_send")
+                return
+            self._undelivered.popleft()
 
     async def _drop_swept_members(self) -> None:
         """Close the sockets whose presence another process swept while this one was cut off:
