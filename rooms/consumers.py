@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 
 from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
@@ -216,6 +216,10 @@ class ChatConsumer(FrameGuard):
             # nick may be someone else's by now, so the client must start over.
             await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
             await self.close(CLOSE_TRY_AGAIN_LATER)
+        except (OperationalError, InterfaceError) as error:
+            # The database is unreachable: expected during an outage, one line per refusal.
+            log.warning("database unavailable in %s: %s", action, error)
+            await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
         except DatabaseError:
             log.exception("database error in %s", action)
             await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))

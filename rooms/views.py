@@ -1,10 +1,17 @@
+import contextlib
+
 from django.http import HttpRequest, JsonResponse
 
 from rooms.health import database_status, layer_status
+from rooms.hub import get_hub
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database and the channel layer answer, 503 when one does not."""
+    # A worker that has had no chat client yet still joins in: it heartbeats and sweeps dead
+    # workers' users from the first health check on.
+    with contextlib.suppress(Exception):
+        await get_hub().start(request.scope)
     database = await database_status()
     layer = await layer_status()
     healthy = database["ok"] and layer["ok"]
