@@ -16,7 +16,7 @@ from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
 from rooms.protocol import ProtocolError
-from rooms.serving import backlog_gauge, dropped_without_close, frame_writer
+from rooms.serving import aborter, backlog_gauge, dropped_without_close, frame_writer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
     limiter: RateLimiter
     backlog: Callable[[], int] | None = None
     write_frame: Callable[[bytes], bool] | None = None
+    abort: Callable[[], None] | None = None
+    dropped = False
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
@@ -66,6 +68,11 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         return protocol.encode(content)
 
     async def send_body(self, body: dict[str, Any]) -> None:
+        # A client that sends but never reads its replies is a slow reader too: under uvicorn
+        # this send would block on flow control, under daphne the replies would pile up.
+        if self.backlog is not None and self.backlog() > self.hub.backlog_limit:
+            self.hub.drop_slow(self)
+            return
         await self.base_send({"type": "websocket.send", "text": protocol.encode(body)})
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
@@ -82,6 +89,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         )
         self.backlog = backlog_gauge(self.base_send, settings.CHAT_SEND_BACKLOG_BYTES)
         self.write_frame = frame_writer(self.base_send)
+        self.abort = aborter(self.base_send)
         await self.opened()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:

@@ -40,12 +40,16 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 # At most this many messages share one transaction.
 MAX_BATCH = 500
+# A dropped slow reader gets this long to answer the close before its connection is cut.
+SLOW_READER_GRACE = 2.0
 # Broadcasts kept for replay while the channel layer is down; older ones are dropped.
 MAX_UNDELIVERED = 1000
 
 
 class Socket(Protocol):
-    """Any WebSocket of this process, as shutdown sees it."""
+    """Any WebSocket of this process, as shutdown and slow-reader dropping see it."""
+
+    dropped: bool
 
     async def base_send(self, message: dict[str, Any]) -> None: ...
 
@@ -58,6 +62,8 @@ class Member(Socket, Protocol):
     backlog: Callable[[], int] | None
     # Writes a ready-made frame straight to the socket, where that is safe (rooms/serving.py).
     write_frame: Callable[[bytes], bool] | None
+    # Drops the connection at once, unsent data and all (rooms/serving.py).
+    abort: Callable[[], None] | None
 
     async def on_direct(self, event: dict[str, Any]) -> None: ...
 
@@ -301,7 +307,7 @@ class Hub:
                 continue
             backlog = member.backlog
             if backlog is not None and backlog() > limit:
-                self._drop_slow(member, room_id)
+                self.drop_slow(member)
                 continue
             write_frame = member.write_frame
             if write_frame is not None and write_frame(frame):
@@ -312,21 +318,32 @@ class Hub:
                 # A socket that closed under us; its own disconnect cleans up.
                 log.debug("send to %s failed", member.channel_name, exc_info=True)
 
-    def _drop_slow(self, member: Member, room_id: int) -> None:
+    def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without
         bound or slow its room down. Its own disconnect removes its presence."""
-        self.leave(member, room_id)
+        if getattr(sock, "dropped", False):
+            return
+        sock.dropped = True
+        channel_name = getattr(sock, "channel_name", None)
+        for room_id, local in list(self.rooms.items()):
+            if channel_name in local:
+                self.leave(local[channel_name], room_id)
         self.slow_dropped += 1
         log.warning(
             "dropping %s: more than %d bytes unread (%d slow readers dropped so far)",
-            member.channel_name,
+            channel_name or "a socket",
             self.backlog_limit,
             self.slow_dropped,
         )
         task = asyncio.ensure_future(
-            member.base_send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
+            sock.base_send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
         )
         task.add_done_callback(_ignore_result)
+        abort = getattr(sock, "abort", None)
+        if abort is not None:
+            # It is not reading, so it will not answer the close, and a polite close would
+            # wait to flush a buffer that never drains.
+            asyncio.get_running_loop().call_later(SLOW_READER_GRACE, abort)
 
     async def _direct(self, channel_name: str, event: dict[str, Any]) -> None:
         member = self.members.get(channel_name)

@@ -140,3 +140,19 @@ def dropped_without_close(send: Any, code: int | None) -> bool:
     if code == 1005 and connection is not None and hasattr(connection, "close_rcvd"):
         return connection.close_rcvd is None
     return False
+
+
+def aborter(send: Any) -> Callable[[], None] | None:
+    """A function that drops the connection behind `send` at once, unsent data and all.
+
+    For a reader that stopped reading: a polite close waits to flush a buffer that never
+    drains (uvicorn closes its transport that way after the close timeout).
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        return transport.abort
+    if isinstance(send, functools.partial) and send.args:
+        twisted_transport = getattr(send.args[0], "transport", None)
+        if twisted_transport is not None and hasattr(twisted_transport, "abortConnection"):
+            return twisted_transport.abortConnection
+    return None
