@@ -73,9 +73,10 @@ class MessageWriter:
     go together in the next one, so the database costs one round trip per batch under load
     and nothing extra when idle."""
 
-    def __init__(self) -> None:
+    def __init__(self, may_be_swept: Callable[[], bool]) -> None:
         self._waiting: list[tuple[services.Post, asyncio.Future[Message]]] = []
         self._draining: asyncio.Task[None] | None = None
+        self._may_be_swept = may_be_swept
 
     async def store(self, post: services.Post) -> Message:
         """Return once the message is committed; NotConnected if the sender was swept."""
@@ -92,7 +93,7 @@ class MessageWriter:
                 del self._waiting[:MAX_BATCH]
                 try:
                     stored = await database_sync_to_async(services.messages_create)(
-                        posts=[post for post, _ in batch]
+                        posts=[post for post, _ in batch], check_presence=self._may_be_swept()
                     )
                 except Exception as error:
                     for _, future in batch:
@@ -120,7 +121,7 @@ class Hub:
         self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
-        self.writer = MessageWriter()
+        self.writer = MessageWriter(self.may_be_swept)
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0
@@ -138,6 +139,7 @@ class Hub:
         self._start_lock = asyncio.Lock()
         self._emptied = asyncio.Event()
         self._database_ok_since: float | None = None
+        self._heartbeat_ok_at: float | None = None
         in_main_thread = threading.current_thread() is threading.main_thread()
         if settings.CHAT_GRACEFUL_SHUTDOWN and in_main_thread:
             _close_on_signals(self)
@@ -158,7 +160,7 @@ class Hub:
                 worker=self.worker, keep_process=self.process
             )
             await self._announce(departures)
-            self._database_ok_since = time.monotonic()
+            self._database_ok_since = self._heartbeat_ok_at = time.monotonic()
             if self.distributed:
                 self._tasks.append(asyncio.create_task(self._receive_loop()))
             self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
@@ -206,6 +208,14 @@ class Hub:
                 await asyncio.wait_for(self._emptied.wait(), grace)
         await self.stop()
         log.info("shutdown complete")
+
+    def may_be_swept(self) -> bool:
+        """Whether another process could have swept this one's connections: only once its
+        heartbeat has been missing for a good part of the presence timeout."""
+        if self._heartbeat_ok_at is None:
+            return True
+        since = time.monotonic() - self._heartbeat_ok_at
+        return since > settings.CHAT_PRESENCE_TIMEOUT_SECONDS / 2
 
     def address(self) -> str:
         """A new connection address on this process, unique across the service."""
@@ -391,8 +401,9 @@ class Hub:
         except Exception:
             self._database_ok_since = None
             raise
+        self._heartbeat_ok_at = time.monotonic()
         if self._database_ok_since is None:
-            self._database_ok_since = time.monotonic()
+            self._database_ok_since = self._heartbeat_ok_at
         if self._orphans:
             await self._bury_orphans()
         if present < len(self.members):

@@ -961,6 +961,22 @@ async def test_action_of_a_swept_connection_gets_unavailable_then_close_1013(con
     assert await client.recv_close() == 1013
 
 
+async def test_post_of_a_connection_swept_while_its_heartbeat_lapsed_is_refused(connect_chat):
+    from rooms.hub import get_hub
+
+    client = await connect_chat()
+    await sweep_presence_of(client.nick)
+    # Only a process whose heartbeat lapsed can have been swept; make this one look so.
+    get_hub()._heartbeat_ok_at = None
+    assert await client.request({"action": "chat_message", "message": "still me?"}) == {
+        "action": "chat_message",
+        "success": False,
+        "message": protocol.UNAVAILABLE,
+    }
+    assert await client.recv_close() == 1013
+    assert await stored_messages() == []
+
+
 async def test_database_error_in_an_action_gets_unavailable_and_the_socket_stays_open(
     connect_chat, monkeypatch
 ):

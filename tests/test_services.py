@@ -417,3 +417,26 @@ def test_key_columns_fit_the_key_of_any_valid_nick(nick):
     key = name_key(nick)
     assert len(key) <= Presence._meta.get_field("nick_key").max_length
     assert len(key) <= Nickname._meta.get_field("key").max_length
+
+
+def test_messages_create_skips_posts_of_swept_connections():
+    seat = connect("c1")
+    posts = [
+        services.Post(channel_name="c1", room_id=seat.room_id, author=seat.nick, text="kept"),
+        services.Post(channel_name="gone", room_id=seat.room_id, author="ghost", text="lost"),
+    ]
+    kept, lost = services.messages_create(posts=posts)
+    assert lost is None
+    assert kept is not None and kept.pk is not None
+    assert list(Message.objects.values_list("text", flat=True)) == ["kept"]
+
+
+def test_messages_create_without_the_presence_check_stores_every_post():
+    seat = connect("c1")
+    posts = [
+        services.Post(channel_name="c1", room_id=seat.room_id, author=seat.nick, text="one"),
+        services.Post(channel_name="c2", room_id=seat.room_id, author="other", text="two"),
+    ]
+    stored = services.messages_create(posts=posts, check_presence=False)
+    assert [message.text for message in stored] == ["one", "two"]
+    assert Message.objects.count() == 2
