@@ -113,7 +113,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Fail fast when the database is unreachable, so clients get a failure reply in
         # seconds instead of a hung request.
         "connect_timeout": env_int("CHAT_DB_CONNECT_TIMEOUT", 3),
-        "options": f"-c statement_timeout={env_int('CHAT_DB_STATEMENT_TIMEOUT_MS', 5000)}",
+        "options": (
+            f"-c statement_timeout={env_int('CHAT_DB_STATEMENT_TIMEOUT_MS', 5000)}"
+            # on (the default): a message is acknowledged once it is on PostgreSQL's disk. off:
+            # once PostgreSQL has it; a crash of PostgreSQL itself (not of the chat server)
+            # can then lose the last fraction of a second of acknowledged messages.
+            f" -c synchronous_commit={os.environ.get('CHAT_DB_SYNCHRONOUS_COMMIT', 'on')}"
+        ),
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
