@@ -15,17 +15,19 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
-from rooms.protocol import ProtocolError
+from rooms.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NO_STATUS,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+    CLOSE_UNSUPPORTED_DATA,
+    ProtocolError,
+)
 from rooms.serving import aborter, backlog_gauge, dropped_without_close, frame_writer
 
 log = logging.getLogger(__name__)
-
-CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class FrameGuard(AsyncJsonWebsocketConsumer):
@@ -61,7 +63,9 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
             # ClientDisconnected, an OSError, rather than queueing the disconnect first): leave
             # the way every closed socket leaves, or its seat would outlive it.
             log.debug("peer of %s gone mid-send", self.scope.get("path"), exc_info=True)
-            await self.websocket_disconnect({"type": "websocket.disconnect", "code": 1005})
+            await self.websocket_disconnect(
+                {"type": "websocket.disconnect", "code": CLOSE_NO_STATUS}
+            )
 
     @classmethod
     async def encode_json(cls, content: Any) -> str:
@@ -116,7 +120,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         """The socket was accepted."""
 
     async def closed(self, code: int | None) -> None:
-        """The socket is gone; `code` is the close code (1006: dropped without a close)."""
+        """The socket is gone; `code` is the close code the server reported."""
 
     async def receive_text(self, text: str) -> None:
         raise NotImplementedError

@@ -31,13 +31,11 @@ from django.conf import settings
 
 from rooms import protocol, services, serving
 from rooms.models import Message, group_name
+from rooms.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER
 
 log = logging.getLogger(__name__)
 
 PROBE_GROUP = "chat-probe"
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 # At most this many messages share one transaction.
 MAX_BATCH = 500
 # A dropped slow reader gets this long to answer the close before its connection is cut.

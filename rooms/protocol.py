@@ -22,6 +22,16 @@ SLOW_DOWN = "Rate limit exceeded: slow down."
 UNAVAILABLE = "Service temporarily unavailable, nothing was changed. Try again."
 INTERNAL_ERROR = "Internal error, nothing was changed."
 
+# Close codes (RFC 6455 section 7.4.1) the server sends, or reads from a client's close.
+CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame
+CLOSE_NO_STATUS = 1005  # a close frame without a code (uvicorn also reports drops so)
+CLOSE_ABNORMAL = 1006  # the connection dropped without a close frame
+CLOSE_POLICY_VIOLATION = 1008  # flooding, or a reader that stopped reading
+CLOSE_TOO_BIG = 1009  # a frame over CHAT_MAX_FRAME_BYTES
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013  # database unreachable at connect, or the connection was swept
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A message may span lines; every other control character is refused.
 _MESSAGE_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -73,14 +83,12 @@ def _columns(name: str) -> int:
     return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in name)
 
 
-def peek_action(text: str) -> Any:
-    """The action a frame names, if it is a JSON object naming one; for error replies."""
+def peek_action(text: str) -> str | None:
+    """The action a frame names, if it is a valid request; for error replies."""
     try:
-        body = json.loads(text)
-    except ValueError:
+        return decode(text)[0]
+    except ProtocolError:
         return None
-    action = body.get("action") if isinstance(body, dict) else None
-    return action if isinstance(action, str) else None
 
 
 def clean_name(value: Any) -> str | None:

@@ -6,6 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rooms.protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS
+
 
 def patch_daphne_close_codes() -> None:
     """Let the application close sockets with the codes RFC 6455 reserves for servers.
@@ -134,10 +136,10 @@ def dropped_without_close(send: Any, code: int | None) -> bool:
     also uses for a close frame that carries no code, so there the protocol object decides:
     it knows whether a close frame arrived.
     """
-    if code == 1006:
+    if code == CLOSE_ABNORMAL:
         return True
     connection = getattr(getattr(send, "__self__", None), "conn", None)
-    if code == 1005 and connection is not None and hasattr(connection, "close_rcvd"):
+    if code == CLOSE_NO_STATUS and connection is not None and hasattr(connection, "close_rcvd"):
         return connection.close_rcvd is None
     return False
 
