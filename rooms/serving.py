@@ -28,6 +28,22 @@ def patch_daphne_close_codes() -> None:
     ws_protocol._chat_close_codes = True
 
 
+# ASGI hides the connection behind `send`; the adapters below reach it in the two servers the
+# chat runs under. Anywhere else they return None and the chat uses plain ASGI.
+
+
+def _uvicorn_protocol(send: Any) -> Any | None:
+    """uvicorn's connection protocol: its ASGI send is a bound method of it."""
+    return getattr(send, "__self__", None)
+
+
+def _daphne_protocol(send: Any) -> Any | None:
+    """daphne's connection protocol: its ASGI send is handle_reply partially applied to it."""
+    if isinstance(send, functools.partial) and send.args:
+        return send.args[0]
+    return None
+
+
 def backlog_gauge(send: Any, limit: int) -> Callable[[], int] | None:
     """A function that tells how many bytes wait unsent on the socket behind `send`.
 
@@ -35,24 +51,21 @@ def backlog_gauge(send: Any, limit: int) -> Callable[[], int] | None:
     instead of buffering without bound or stalling the room. ASGI has no way to ask this, so
     it is read from the transport of the two servers the chat runs under; None elsewhere.
     """
-    owner = getattr(send, "__self__", None)
-    transport = getattr(owner, "transport", None)
+    transport = getattr(_uvicorn_protocol(send), "transport", None)
     if transport is not None and hasattr(transport, "get_write_buffer_size"):
         # uvicorn: its send() blocks while the transport is paused above the high-water mark,
         # which would stall the whole room behind one reader. Pause only well past the limit
         # at which the hub gives up on the reader.
         transport.set_write_buffer_limits(high=4 * limit)
         return transport.get_write_buffer_size
-    if isinstance(send, functools.partial) and send.args:
-        # daphne: send is handle_reply bound to the connection's protocol; Twisted's transport
-        # never blocks a write and keeps what it could not send yet in these buffers.
-        twisted_transport = getattr(send.args[0], "transport", None)
-        if twisted_transport is not None and hasattr(twisted_transport, "_tempDataLen"):
-            return lambda: (
-                len(twisted_transport.dataBuffer)
-                - twisted_transport.offset
-                + twisted_transport._tempDataLen
-            )
+    twisted_transport = getattr(_daphne_protocol(send), "transport", None)
+    if twisted_transport is not None and hasattr(twisted_transport, "_tempDataLen"):
+        # daphne: Twisted never blocks a write and keeps what it could not send in these.
+        return lambda: (
+            len(twisted_transport.dataBuffer)
+            - twisted_transport.offset
+            + twisted_transport._tempDataLen
+        )
     return None
 
 
@@ -84,13 +97,12 @@ def frame_writer(send: Any) -> Callable[[bytes], bool] | None:
     extension negotiated, which makes frames differ per connection. Frames are written whole
     and in call order, the same order the server's own sends use, so they never interleave.
     """
-    owner = getattr(send, "__self__", None)
+    owner = _uvicorn_protocol(send)
     if type(owner).__name__ == "WebSocketsSansIOProtocol":
         return _uvicorn_writer(owner)
-    if isinstance(send, functools.partial) and send.args:
-        protocol = send.args[0]
-        if hasattr(protocol, "_perMessageCompress") and hasattr(protocol, "send_queue"):
-            return _daphne_writer(protocol)
+    protocol = _daphne_protocol(send)
+    if hasattr(protocol, "_perMessageCompress") and hasattr(protocol, "send_queue"):
+        return _daphne_writer(protocol)
     return None
 
 
@@ -138,7 +150,7 @@ def dropped_without_close(send: Any, code: int | None) -> bool:
     """
     if code == CLOSE_ABNORMAL:
         return True
-    connection = getattr(getattr(send, "__self__", None), "conn", None)
+    connection = getattr(_uvicorn_protocol(send), "conn", None)
     if code == CLOSE_NO_STATUS and connection is not None and hasattr(connection, "close_rcvd"):
         return connection.close_rcvd is None
     return False
@@ -150,11 +162,10 @@ def aborter(send: Any) -> Callable[[], None] | None:
     For a reader that stopped reading: a polite close waits to flush a buffer that never
     drains (uvicorn closes its transport that way after the close timeout).
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    transport = getattr(_uvicorn_protocol(send), "transport", None)
     if transport is not None and hasattr(transport, "abort"):
         return transport.abort
-    if isinstance(send, functools.partial) and send.args:
-        twisted_transport = getattr(send.args[0], "transport", None)
-        if twisted_transport is not None and hasattr(twisted_transport, "abortConnection"):
-            return twisted_transport.abortConnection
+    twisted_transport = getattr(_daphne_protocol(send), "transport", None)
+    if twisted_transport is not None and hasattr(twisted_transport, "abortConnection"):
+        return twisted_transport.abortConnection
     return None
