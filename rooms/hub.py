@@ -302,6 +302,10 @@ class Hub:
             await self._direct(channel_name, event)
         elif self.distributed:
             await self.layer.send(process, {"type": "conn.direct", "to": channel_name, **event})
+        else:
+            # Without a shared layer no other process is reachable: a presence row naming one
+            # is left over from an earlier run and is swept soon.
+            log.warning("cannot reach %s: it belongs to another process", channel_name)
 
     async def _deliver(self, room_id: int, text: str, skip: str | None) -> None:
         local = self.rooms.get(room_id)
