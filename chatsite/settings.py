@@ -188,7 +188,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves the apps' static files where they lie (WHITENOISE_USE_FINDERS below), so
+# collectstatic is optional: set DJANGO_STATIC_ROOT to collect them (compressed, cached) there.
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT") or None
 WHITENOISE_USE_FINDERS = True
 
 LOGGING = {

@@ -5,7 +5,6 @@ import collections
 import functools
 import json
 import signal
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,15 +83,9 @@ ConnectChat = Callable[..., Awaitable[ChatClient]]
 
 @functools.cache
 def asgi_application():
-    """`chatsite.asgi.application`, imported once.
+    """`chatsite.asgi.application`, imported once."""
+    from chatsite.asgi import application
 
-    With DEBUG off, WhiteNoise warns at start-up when STATIC_ROOT does not exist (nobody ran
-    collectstatic); the suite turns warnings into errors, so that one warning is let through
-    here, where the app is loaded, and nowhere else.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"No directory at: .*staticfiles", UserWarning)
-        from chatsite.asgi import application
     return application
 
 
