@@ -173,14 +173,10 @@ class ChatConsumer(FrameGuard):
             await self.send_body(protocol.connecting(seat.room_name, seat.nick))
             await self.hub.enter(self, seat.room_id)
             await self._broadcast(protocol.joined(seat.room_name, seat.nick))
-            await self._send_history(
-                protocol.HistoryQuery(
-                    room=seat.room_name,
-                    before=None,
-                    after=None,
-                    limit=settings.CHAT_HISTORY_DEFAULT,
-                )
+            messages = await database_sync_to_async(selectors.message_history)(
+                room_id=seat.room_id, limit=settings.CHAT_HISTORY_DEFAULT
             )
+            await self.send_body(protocol.history(seat.room_name, messages))
         except Exception:
             # Seated but not fully greeted: close, and let closed() take the seat back.
             log.exception("could not finish connecting %s", self.channel_name)

@@ -87,8 +87,8 @@ class Presence(models.Model):
 
     class Meta:
         verbose_name_plural = "presence"
-        # Ids are re-issued on each room entry, so id order is room-entry order.
-        ordering = ["room", "id"]
+        # The order users entered their room; ids break ties within one clock tick.
+        ordering = ["room", "joined_at", "id"]
 
     def __str__(self) -> str:
         return f"{self.nick} in {self.room_id}"

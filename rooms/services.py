@@ -1,11 +1,17 @@
 """Everything that changes chat state. One transaction each; called from async code through
-`database_sync_to_async`, and from the admin and management commands directly."""
+`database_sync_to_async`, and from the admin and management commands directly.
 
+What every connection does (connect, switch rooms, disconnect) is written in SQL: it all runs
+on the one database thread of a server process, where the ORM's cost of building each query
+capped how fast clients could connect. The rest uses the ORM.
+"""
+
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -68,6 +74,66 @@ def _nickname_seen(nick: str) -> None:
     )
 
 
+@functools.cache
+def _sql(vendor: str) -> dict[str, str]:
+    """The hot statements for one database vendor (the same for every connection to it)."""
+    compiler = Presence.objects.none().query.get_compiler(connection=connection)
+    # The database's clock, as the column defaults use: one clock for every process.
+    now, _ = compiler.compile(Now())
+    # Except for when a user entered a room, on SQLite: its clock ticks in milliseconds, so
+    # entries in one tick would tie. SQLite serves one machine, whose clock the app reads.
+    entered = "%s" if vendor == "sqlite" else now
+    lock = " FOR UPDATE OF p" if connection.features.has_select_for_update_of else ""
+    presence, room, nickname = (
+        connection.ops.quote_name(model._meta.db_table) for model in (Presence, Room, Nickname)
+    )
+    return {
+        "room_id": f"SELECT id FROM {room} WHERE name = %s",
+        # ON CONFLICT DO NOTHING: a nick (or address) already taken inserts nothing, and
+        # rowcount says so without an exception and its savepoint.
+        "where": f"SELECT p.nick, p.nick_key, p.room_id, r.name, p.process FROM {presence} p"
+        f" JOIN {room} r ON r.id = p.room_id WHERE p.channel_name = %s{lock}",
+        "seat": f"INSERT INTO {presence} (channel_name, process, worker, nick, nick_key, room_id,"
+        f" joined_at) VALUES (%s, %s, %s, %s, %s, %s, {entered}) ON CONFLICT DO NOTHING",
+        "move": f"UPDATE {presence} SET room_id = %s, joined_at = {entered}"
+        " WHERE channel_name = %s",
+        "unseat": f"DELETE FROM {presence} WHERE channel_name = %s",
+        "nick_seen": f"UPDATE {nickname} SET last_seen = {now} WHERE key = %s",
+    }
+
+
+def _execute(cursor, statement: str, params: list[object]) -> None:
+    cursor.execute(_sql(connection.vendor)[statement], params)
+
+
+def _entered() -> list[object]:
+    """The parameter that the entry time takes, if the statements take one (see `_sql`)."""
+    if connection.vendor == "sqlite":
+        return [connection.ops.adapt_datetimefield_value(timezone.now())]
+    return []
+
+
+def _relaxed_commit(cursor) -> None:
+    """Let this transaction's commit return before PostgreSQL flushes it to disk.
+
+    For presence only: who is connected where is void after a database crash anyway (the
+    processes re-seat or sweep every connection), and it is what every connect and room
+    switch writes. Visibility to other processes is unchanged. Messages keep durable commits.
+    """
+    if connection.vendor == "postgresql":
+        cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
+def _room_id(name: str) -> int:
+    """The id of a room, created on first use."""
+    with connection.cursor() as cursor:
+        _execute(cursor, "room_id", [name])
+        row = cursor.fetchone()
+    if row is not None:
+        return row[0]
+    return Room.objects.get_or_create(name=name)[0].pk
+
+
 def _presence(channel_name: str, *, for_update: bool = False) -> Presence:
     rows = Presence.objects.select_related("room")
     if for_update:
@@ -78,41 +144,34 @@ def _presence(channel_name: str, *, for_update: bool = False) -> Presence:
         raise NotConnected(channel_name) from None
 
 
+@transaction.atomic
 def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
-    """Seat a new connection in the default room under a random free nick `User<n>`.
-
-    Each attempt is its own small transaction (a savepoint inside a caller's): one that
-    loses a nick to another connection simply tries another number.
-    """
-    room, _ = Room.objects.get_or_create(name=DEFAULT_ROOM)
-    for _attempt in range(100):
-        nick = f"User{secrets.randbelow(1_000_000)}"
-        try:
-            with transaction.atomic():
-                Presence.objects.create(
-                    channel_name=channel_name,
-                    process=process,
-                    worker=worker,
-                    nick=nick,
-                    nick_key=name_key(nick),
-                    room=room,
-                )
-        except IntegrityError:
-            continue
-        return Seat(nick=nick, room_id=room.pk, room_name=room.name)
+    """Seat a new connection in the default room under a random free nick `User<n>`."""
+    room_id = _room_id(DEFAULT_ROOM)
+    with connection.cursor() as cursor:
+        _relaxed_commit(cursor)
+        for _attempt in range(100):
+            nick = f"User{secrets.randbelow(1_000_000)}"
+            seat = [channel_name, process, worker, nick, name_key(nick), room_id, *_entered()]
+            _execute(cursor, "seat", seat)
+            if cursor.rowcount == 1:
+                return Seat(nick=nick, room_id=room_id, room_name=DEFAULT_ROOM)
     raise RuntimeError("no free random nick after 100 attempts")
 
 
 @transaction.atomic
 def presence_disconnect(*, channel_name: str) -> Departure | None:
     """Remove a closed connection's presence, freeing its nick; None if already swept."""
-    try:
-        presence = _presence(channel_name, for_update=True)
-    except NotConnected:
-        return None
-    Presence.objects.filter(pk=presence.pk).delete()
-    Nickname.objects.filter(key=presence.nick_key).update(last_seen=Now())
-    return _departure(presence)
+    with connection.cursor() as cursor:
+        _relaxed_commit(cursor)
+        _execute(cursor, "where", [channel_name])
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        nick, nick_key, room_id, room_name, process = row
+        _execute(cursor, "unseat", [channel_name])
+        _execute(cursor, "nick_seen", [nick_key])
+    return Departure(nick=nick, room_id=room_id, room_name=room_name, process=process)
 
 
 @transaction.atomic
@@ -134,23 +193,20 @@ def nick_set(*, channel_name: str, nick: str) -> tuple[str, Seat]:
 @transaction.atomic
 def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
     """Move a connection to another room (created on first use); returns (old, new) seats."""
-    presence = _presence(channel_name, for_update=True)
-    old = _seat(presence)
-    if presence.room.name == room_name:
-        raise AlreadyInRoom(room_name)
-    room, _ = Room.objects.get_or_create(name=room_name)
-    # A fresh row gets a fresh id, and id order is the order users entered their room.
-    Presence.objects.filter(pk=presence.pk).delete()
-    Presence.objects.create(
-        channel_name=presence.channel_name,
-        process=presence.process,
-        worker=presence.worker,
-        nick=presence.nick,
-        nick_key=presence.nick_key,
-        room=room,
-        connected_at=presence.connected_at,
-    )
-    return old, Seat(nick=presence.nick, room_id=room.pk, room_name=room.name)
+    with connection.cursor() as cursor:
+        _relaxed_commit(cursor)
+        _execute(cursor, "where", [channel_name])
+        row = cursor.fetchone()
+        if row is None:
+            raise NotConnected(channel_name)
+        nick, _, old_room_id, old_room_name, _ = row
+        if old_room_name == room_name:
+            raise AlreadyInRoom(room_name)
+        room_id = _room_id(room_name)
+        # joined_at orders a room's users by when they entered it.
+        _execute(cursor, "move", [room_id, *_entered(), channel_name])
+    old = Seat(nick=nick, room_id=old_room_id, room_name=old_room_name)
+    return old, Seat(nick=nick, room_id=room_id, room_name=room_name)
 
 
 @dataclass(frozen=True, slots=True)

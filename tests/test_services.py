@@ -190,7 +190,7 @@ def test_room_join_keeps_connection_identity():
     )
 
 
-def test_room_join_reissues_the_id_so_room_users_are_in_entry_order():
+def test_room_users_are_in_the_order_they_entered_the_room():
     for channel, nick in [("c1", "ann"), ("c2", "bob"), ("c3", "cid")]:
         named(channel, nick)
     for channel in ["c2", "c1", "c3"]:
