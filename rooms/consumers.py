@@ -183,6 +183,14 @@ class ChatConsumer(FrameGuard):
             await self.close(CLOSE_INTERNAL_ERROR)
 
     async def closed(self, code: int | None) -> None:
+        try:
+            await self._unseat(code)
+        finally:
+            address = getattr(self, "channel_name", None)
+            if address is not None:
+                self.hub.release(address)
+
+    async def _unseat(self, code: int | None) -> None:
         seat = self.seat
         if seat is None:
             return

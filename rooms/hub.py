@@ -126,6 +126,8 @@ class Hub:
         self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
+        # Addresses handed out and not yet released: connections seated or being seated.
+        self._addresses: set[str] = set()
         self._undelivered: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=MAX_UNDELIVERED
         )
@@ -216,8 +218,14 @@ class Hub:
         return since > settings.CHAT_PRESENCE_TIMEOUT_SECONDS / 2
 
     def address(self) -> str:
-        """A new connection address on this process, unique across the service."""
-        return f"{self.process}|{next(self._numbers)}"
+        """A new connection address on this process, unique across the service; `release`
+        it once its presence is gone."""
+        address = f"{self.process}|{next(self._numbers)}"
+        self._addresses.add(address)
+        return address
+
+    def release(self, address: str) -> None:
+        self._addresses.discard(address)
 
     def open_socket(self, sock: Socket) -> None:
         self.sockets.add(sock)
@@ -408,8 +416,8 @@ class Hub:
             self._database_ok_since = self._heartbeat_ok_at
         if self._orphans:
             await self._bury_orphans()
-        if present < len(self.members):
-            await self._drop_swept_members()
+        if present != len(self.members):
+            await self._reconcile()
         if self.distributed:
             await self._resubscribe()
         # After the database comes back, every process needs a heartbeat in before anyone may
@@ -472,10 +480,21 @@ class Hub:
                 return
             self._undelivered.popleft()
 
-    async def _drop_swept_members(self) -> None:
-        """Close the sockets whose presence another process swept while this one was cut off:
-        their nicks may already belong to someone else."""
+    async def _reconcile(self) -> None:
+        """Make the database's idea of this process's connections match its sockets.
+
+        A socket whose presence another process swept while this one was cut off is closed:
+        its nick may already belong to someone else. A row without a socket (its removal was
+        lost, as presence commits may be in a database crash) is removed silently: its room
+        heard `left` when the socket closed.
+        """
         alive = set(await database_sync_to_async(services.presence_channels)(process=self.process))
+        ghosts = alive - self._addresses - self._orphans.keys()
+        if ghosts:
+            log.warning("removing %d presence rows with no connection behind them", len(ghosts))
+            await database_sync_to_async(services.presence_forget)(
+                process=self.process, channel_names=sorted(ghosts)
+            )
         for channel_name, member in list(self.members.items()):
             if channel_name not in alive:
                 log.warning("%s was swept while connected; closing it", channel_name)

@@ -261,6 +261,12 @@ def presence_channels(*, process: str) -> list[str]:
     return list(Presence.objects.filter(process=process).values_list("channel_name", flat=True))
 
 
+def presence_forget(*, process: str, channel_names: list[str]) -> int:
+    """Remove rows of a process's connections that no longer exist; returns how many."""
+    rows = Presence.objects.filter(process=process, channel_name__in=channel_names)
+    return rows.delete()[0]
+
+
 @transaction.atomic
 def presence_clear_process(*, process: str) -> list[Departure]:
     """Remove every connection of a process that is shutting down."""

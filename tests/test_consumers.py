@@ -977,6 +977,53 @@ async def test_post_of_a_connection_swept_while_its_heartbeat_lapsed_is_refused(
     assert await stored_messages() == []
 
 
+@database_sync_to_async
+def insert_presence(channel_name: str, process: str, nick: str) -> None:
+    from rooms.models import Presence, name_key
+
+    Presence.objects.create(
+        channel_name=channel_name,
+        process=process,
+        worker="w",
+        nick=nick,
+        nick_key=name_key(nick),
+        room=Room.objects.get(name="Default"),
+    )
+
+
+@database_sync_to_async
+def present_nicks() -> set[str]:
+    from rooms.models import Presence
+
+    return set(Presence.objects.values_list("nick", flat=True))
+
+
+async def test_heartbeat_removes_rows_of_this_process_with_no_connection_silently(connect_chat):
+    """A disconnect whose removal was lost (a database crash after a relaxed commit) must not
+    keep a ghost in the room, heartbeated forever, holding its nick."""
+    from rooms.hub import get_hub
+
+    a, b = await pair(connect_chat)
+    hub = get_hub()
+    await insert_presence(f"{hub.process}|999999", hub.process, "ghost")
+    await hub.heartbeat()
+    assert await present_nicks() == {a.nick, b.nick}
+    # Its room heard `left` when it closed: nothing more is sent (the reply comes next).
+    assert (await a.request({"action": "user_list"}))["users"] == [a.nick, b.nick]
+
+
+async def test_heartbeat_keeps_the_row_of_a_connection_being_seated(connect_chat):
+    from rooms.hub import get_hub
+
+    a = await connect_chat()
+    hub = get_hub()
+    # Seated in the database, not yet attached to the hub: the heartbeat can run in between.
+    address = hub.address()
+    await insert_presence(address, hub.process, "arriving")
+    await hub.heartbeat()
+    assert await present_nicks() == {a.nick, "arriving"}
+
+
 async def test_database_error_in_an_action_gets_unavailable_and_the_socket_stays_open(
     connect_chat, monkeypatch
 ):
