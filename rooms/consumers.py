@@ -295,16 +295,18 @@ class ChatConsumer(FrameGuard):
             # It could be stored but not delivered to the other processes' members.
             raise ProtocolError("chat_message", protocol.UNAVAILABLE)
         seat = self.seat
+        # The hub broadcasts the message once it is stored, before this returns.
         stored = await self.hub.writer.store(
             services.Post(
-                channel_name=self.channel_name, room_id=seat.room_id, author=seat.nick, text=text
+                channel_name=self.channel_name,
+                room_id=seat.room_id,
+                room_name=seat.room_name,
+                author=seat.nick,
+                text=text,
             )
         )
         ts = protocol.timestamp(stored.created_at)
         await self.send_body(protocol.chat_ack(text, stored.pk, ts))
-        await self._broadcast(
-            protocol.chat_broadcast(seat.room_name, seat.nick, text, stored.pk, ts)
-        )
 
     async def user_list(self, body: dict[str, Any]) -> None:
         assert self.seat is not None

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -66,15 +66,22 @@ class Member(Socket, Protocol):
     async def on_direct(self, event: dict[str, Any]) -> None: ...
 
 
+Stored = list[tuple[services.Post, Message]]
+
+
 class MessageWriter:
     """Stores chat messages with group commit: posts that arrive while a write is in flight
     go together in the next one, so the database costs one round trip per batch under load
-    and nothing extra when idle."""
+    and nothing extra when idle. Each batch is published together once committed (see
+    `Hub.publish`), before its senders are answered."""
 
-    def __init__(self, may_be_swept: Callable[[], bool]) -> None:
+    def __init__(
+        self, may_be_swept: Callable[[], bool], publish: Callable[[Stored], Awaitable[None]]
+    ) -> None:
         self._waiting: list[tuple[services.Post, asyncio.Future[Message]]] = []
         self._draining: asyncio.Task[None] | None = None
         self._may_be_swept = may_be_swept
+        self._publish = publish
 
     async def store(self, post: services.Post) -> Message:
         """Return once the message is committed; NotConnected if the sender was swept."""
@@ -98,6 +105,16 @@ class MessageWriter:
                         if not future.done():
                             future.set_exception(error)
                     continue
+                published = [
+                    (post, message)
+                    for (post, _), message in zip(batch, stored, strict=True)
+                    if message is not None
+                ]
+                try:
+                    await self._publish(published)
+                except Exception:
+                    # Stored is stored: the senders still get their acknowledgements.
+                    log.exception("could not publish %d stored messages", len(published))
                 for (post, future), message in zip(batch, stored, strict=True):
                     if future.done():
                         continue
@@ -119,7 +136,7 @@ class Hub:
         self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
-        self.writer = MessageWriter(self.may_be_swept)
+        self.writer = MessageWriter(self.may_be_swept, self.publish)
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0
@@ -273,14 +290,37 @@ class Hub:
 
     async def broadcast(self, room_id: int, body: dict[str, Any], skip: str | None = None) -> None:
         """Send one body to every member of a room on every process, except `skip`."""
-        text = protocol.encode(body)
-        await self._deliver(room_id, text, skip)
+        await self._fan_out(room_id, [protocol.encode(body)], [skip])
+
+    async def publish(self, stored: Stored) -> None:
+        """Broadcast a batch of stored chat messages, each to its room except its sender.
+
+        A room's messages of one batch reach each member in one write, and each other process
+        in one layer message: under load, when batches grow, the cost per message shrinks.
+        """
+        rooms: dict[int, tuple[list[str], list[str | None]]] = {}
+        for post, message in stored:
+            texts, skips = rooms.setdefault(post.room_id, ([], []))
+            body = protocol.chat_broadcast(
+                post.room_name,
+                post.author,
+                post.text,
+                message.pk,
+                protocol.timestamp(message.created_at),
+            )
+            texts.append(protocol.encode(body))
+            skips.append(post.channel_name)
+        for room_id, (texts, skips) in rooms.items():
+            await self._fan_out(room_id, texts, skips)
+
+    async def _fan_out(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
+        await self._deliver(room_id, texts, skips)
         if self.distributed:
             event = {
                 "type": "room.fanout",
                 "room": room_id,
-                "text": text,
-                "skip": skip,
+                "texts": texts,
+                "skips": skips,
                 "origin": self.process,
             }
             if self._undelivered:
@@ -315,28 +355,39 @@ class Hub:
             # is left over from an earlier run and is swept soon.
             log.warning("cannot reach %s: it belongs to another process", channel_name)
 
-    async def _deliver(self, room_id: int, text: str, skip: str | None) -> None:
+    async def _deliver(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
+        """Write texts, in order, to this process's members of a room; each text skips the
+        member named beside it."""
         local = self.rooms.get(room_id)
         if not local:
             return
         limit = self.backlog_limit
-        frame = serving.text_frame(text.encode())
-        message = {"type": "websocket.send", "text": text}
+        frames = [serving.text_frame(text.encode()) for text in texts]
+        everything = b"".join(frames)
+        skipped = set(skips)
         for member in tuple(local.values()):
-            if member.channel_name == skip:
-                continue
+            channel_name = member.channel_name
             backlog = member.backlog
             if backlog is not None and backlog() > limit:
                 self.drop_slow(member)
                 continue
+            data = everything
+            if channel_name in skipped:
+                data = b"".join(f for f, s in zip(frames, skips, strict=True) if s != channel_name)
+                if not data:
+                    continue
             write_frame = member.write_frame
-            if write_frame is not None and write_frame(frame):
+            if write_frame is not None and write_frame(data):
                 continue
-            try:
-                await member.base_send(message)
-            except Exception:
-                # A socket that closed under us; its own disconnect cleans up.
-                log.debug("send to %s failed", member.channel_name, exc_info=True)
+            for text, skip in zip(texts, skips, strict=True):
+                if skip == channel_name:
+                    continue
+                try:
+                    await member.base_send({"type": "websocket.send", "text": text})
+                except Exception:
+                    # A socket that closed under us; its own disconnect cleans up.
+                    log.debug("send to %s failed", channel_name, exc_info=True)
+                    break
 
     def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without
@@ -385,7 +436,7 @@ class Hub:
             try:
                 if kind == "room.fanout":
                     if event["origin"] != self.process:
-                        await self._deliver(event["room"], event["text"], event["skip"])
+                        await self._deliver(event["room"], event["texts"], event["skips"])
                 elif kind == "conn.direct":
                     await self._direct(event["to"], event)
             except Exception:

@@ -215,6 +215,7 @@ class Post:
 
     channel_name: str
     room_id: int
+    room_name: str
     author: str
     text: str
 

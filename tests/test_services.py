@@ -422,8 +422,20 @@ def test_key_columns_fit_the_key_of_any_valid_nick(nick):
 def test_messages_create_skips_posts_of_swept_connections():
     seat = connect("c1")
     posts = [
-        services.Post(channel_name="c1", room_id=seat.room_id, author=seat.nick, text="kept"),
-        services.Post(channel_name="gone", room_id=seat.room_id, author="ghost", text="lost"),
+        services.Post(
+            channel_name="c1",
+            room_id=seat.room_id,
+            room_name="Default",
+            author=seat.nick,
+            text="kept",
+        ),
+        services.Post(
+            channel_name="gone",
+            room_id=seat.room_id,
+            room_name="Default",
+            author="ghost",
+            text="lost",
+        ),
     ]
     kept, lost = services.messages_create(posts=posts)
     assert lost is None
@@ -434,8 +446,16 @@ def test_messages_create_skips_posts_of_swept_connections():
 def test_messages_create_without_the_presence_check_stores_every_post():
     seat = connect("c1")
     posts = [
-        services.Post(channel_name="c1", room_id=seat.room_id, author=seat.nick, text="one"),
-        services.Post(channel_name="c2", room_id=seat.room_id, author="other", text="two"),
+        services.Post(
+            channel_name="c1",
+            room_id=seat.room_id,
+            room_name="Default",
+            author=seat.nick,
+            text="one",
+        ),
+        services.Post(
+            channel_name="c2", room_id=seat.room_id, room_name="Default", author="other", text="two"
+        ),
     ]
     stored = services.messages_create(posts=posts, check_presence=False)
     assert [message.text for message in stored] == ["one", "two"]

@@ -1,0 +1,99 @@
+"""The hub's fan-out within one process: a batch of stored messages reaches each member of a
+room in one write, in order, without the sender's own message."""
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer
+
+from rooms import protocol, services
+from rooms.hub import Hub
+from rooms.models import Room
+from rooms.serving import text_frame
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Writer:
+    """A stand-in connection whose frames the hub may write straight to its socket."""
+
+    backlog = None
+    abort = None
+    dropped = False
+
+    def __init__(self, channel_name: str) -> None:
+        self.channel_name = channel_name
+        self.writes: list[bytes] = []
+
+    def write_frame(self, data: bytes) -> bool:
+        self.writes.append(data)
+        return True
+
+    async def base_send(self, message: dict[str, Any]) -> None:
+        raise AssertionError("the frame writer accepted every write")
+
+
+def chat_frame(room: str, post: services.Post, stored) -> bytes:
+    body = protocol.chat_broadcast(
+        room, post.author, post.text, stored.pk, protocol.timestamp(stored.created_at)
+    )
+    return text_frame(protocol.encode(body).encode())
+
+
+@database_sync_to_async
+def seated(*channel_names: str) -> int:
+    room = Room.objects.create(name="hubroom")
+    for channel_name in channel_names:
+        services.presence_connect(channel_name=channel_name, process="p", worker="w")
+        services.room_join(channel_name=channel_name, room_name="hubroom")
+    return room.pk
+
+
+async def hub_with(*members: Writer, room_id: int) -> Hub:
+    hub = Hub(InMemoryChannelLayer())
+    for member in members:
+        hub.attach(member)
+        await hub.enter(member, room_id)
+    return hub
+
+
+async def test_posts_stored_together_reach_each_member_in_one_write_without_their_own():
+    ann, bob, cid = Writer("ann"), Writer("bob"), Writer("cid")
+    room_id = await seated("ann", "bob", "cid")
+    hub = await hub_with(ann, bob, cid, room_id=room_id)
+    posts = [
+        services.Post(channel_name=c, room_id=room_id, room_name="hubroom", author=c, text=t)
+        for c, t in (("ann", "one"), ("bob", "two"))
+    ]
+
+    # Both are waiting before the writer's first batch starts, so they share it.
+    stored = await asyncio.gather(*(hub.writer.store(post) for post in posts))
+
+    one, two = (chat_frame("hubroom", p, s) for p, s in zip(posts, stored, strict=True))
+    assert cid.writes == [one + two]
+    assert ann.writes == [two]
+    assert bob.writes == [one]
+    assert [json.loads(f[2:])["message"] for f in (one, two)] == ["one", "two"]
+
+
+async def test_a_post_of_a_swept_sender_is_neither_published_nor_acknowledged():
+    ann, cid = Writer("ann"), Writer("cid")
+    room_id = await seated("ann", "cid")
+    hub = await hub_with(ann, cid, room_id=room_id)
+    ghost = services.Post(
+        channel_name="gone", room_id=room_id, room_name="hubroom", author="x", text="lost"
+    )
+    kept = services.Post(
+        channel_name="ann", room_id=room_id, room_name="hubroom", author="ann", text="kept"
+    )
+
+    lost, stored = await asyncio.gather(
+        hub.writer.store(ghost), hub.writer.store(kept), return_exceptions=True
+    )
+
+    assert isinstance(lost, services.NotConnected)
+    assert cid.writes == [chat_frame("hubroom", kept, stored)]
+    assert ann.writes == []
