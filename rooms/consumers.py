@@ -77,7 +77,12 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         if self.backlog is not None and self.backlog() > self.hub.backlog_limit:
             self.hub.drop_slow(self)
             return
+        await self.hub.flush_to(self)
         await self.base_send({"type": "websocket.send", "text": protocol.encode(body)})
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        await self.hub.flush_to(self)
+        await super().close(code, reason)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.hub = get_hub()

@@ -67,6 +67,8 @@ class Member(Socket, Protocol):
 
 
 Stored = list[tuple[services.Post, Message]]
+# Frames for one socket (as one piece of bytes), and the texts and skips they were made from.
+Chunk = tuple[bytes, list[str], list[str | None]]
 
 
 class MessageWriter:
@@ -143,6 +145,10 @@ class Hub:
         self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
+        # Frames waiting for the end of this turn of the event loop, by socket (`_deliver`).
+        self._outbox: dict[Member, list[Chunk]] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._sending: dict[Member, asyncio.Future[None]] = {}
         # Addresses handed out and not yet released: connections seated or being seated.
         self._addresses: set[str] = set()
         self._undelivered: collections.deque[dict[str, Any]] = collections.deque(
@@ -198,6 +204,7 @@ class Hub:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self._flush()
         sockets = list(self.sockets)
         log.info("shutting down: closing %d sockets with %d", len(sockets), code)
         for sock in sockets:
@@ -356,38 +363,85 @@ class Hub:
             log.warning("cannot reach %s: it belongs to another process", channel_name)
 
     async def _deliver(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
-        """Write texts, in order, to this process's members of a room; each text skips the
-        member named beside it."""
+        """Hand texts, in order, to this process's members of a room; each text skips the
+        member named beside it.
+
+        Frames for sockets the hub may write to directly wait in the outbox until the end of
+        this turn of the event loop (`_flush`): whatever else reaches the same socket in the
+        same turn - other batches, other processes' messages - goes out in the same write.
+        Nothing waits longer than that turn.
+        """
         local = self.rooms.get(room_id)
         if not local:
             return
         limit = self.backlog_limit
-        frames = [serving.text_frame(text.encode()) for text in texts]
-        everything = b"".join(frames)
+        everything = b"".join(serving.text_frame(text.encode()) for text in texts)
         skipped = set(skips)
+        outbox = self._outbox
         for member in tuple(local.values()):
             channel_name = member.channel_name
             backlog = member.backlog
             if backlog is not None and backlog() > limit:
                 self.drop_slow(member)
                 continue
+            if member.write_frame is None:
+                await self._send_texts(member, _texts_for(channel_name, texts, skips))
+                continue
             data = everything
             if channel_name in skipped:
-                data = b"".join(f for f, s in zip(frames, skips, strict=True) if s != channel_name)
+                data = b"".join(
+                    serving.text_frame(text.encode())
+                    for text in _texts_for(channel_name, texts, skips)
+                )
                 if not data:
                     continue
-            write_frame = member.write_frame
-            if write_frame is not None and write_frame(data):
-                continue
-            for text, skip in zip(texts, skips, strict=True):
-                if skip == channel_name:
-                    continue
-                try:
-                    await member.base_send({"type": "websocket.send", "text": text})
-                except Exception:
-                    # A socket that closed under us; its own disconnect cleans up.
-                    log.debug("send to %s failed", channel_name, exc_info=True)
-                    break
+            chunks = outbox.get(member)
+            if chunks is None:
+                outbox[member] = chunks = []
+            chunks.append((data, texts, skips))
+        if outbox and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what the outbox holds: one write per socket."""
+        self._flush_handle = None
+        outbox, self._outbox = self._outbox, {}
+        for member, chunks in outbox.items():
+            self._write(member, chunks)
+
+    def _write(self, member: Member, chunks: list[Chunk]) -> None:
+        data = chunks[0][0] if len(chunks) == 1 else b"".join(chunk[0] for chunk in chunks)
+        write_frame = member.write_frame
+        if write_frame is not None and write_frame(data):
+            return
+        # Closing, or the server holds frames of its own to send first: go through it.
+        texts = [
+            text
+            for _, chunk_texts, chunk_skips in chunks
+            for text in _texts_for(member.channel_name, chunk_texts, chunk_skips)
+        ]
+        task = asyncio.ensure_future(self._send_texts(member, texts))
+        self._sending[member] = task
+        task.add_done_callback(lambda _: self._sending.pop(member, None))
+
+    async def flush_to(self, member: Any) -> None:
+        """Write what waits for one socket now, before something else is sent to it, so that
+        every socket receives everything in the order it was sent."""
+        chunks = self._outbox.pop(member, None)
+        if chunks is not None:
+            self._write(member, chunks)
+        sending = self._sending.get(member)
+        if sending is not None:
+            await asyncio.shield(sending)
+
+    async def _send_texts(self, member: Member, texts: list[str]) -> None:
+        for text in texts:
+            try:
+                await member.base_send({"type": "websocket.send", "text": text})
+            except Exception:
+                # A socket that closed under us; its own disconnect cleans up.
+                log.debug("send to %s failed", member.channel_name, exc_info=True)
+                return
 
     def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without
@@ -395,6 +449,7 @@ class Hub:
         if getattr(sock, "dropped", False):
             return
         sock.dropped = True
+        self._outbox.pop(sock, None)
         channel_name = getattr(sock, "channel_name", None)
         for room_id, local in list(self.rooms.items()):
             if channel_name in local:
@@ -579,6 +634,10 @@ class Hub:
                     await self.layer.group_discard(group_name(gone.room_id), gone.process)
                 except Exception:
                     self._layer_failed("group_discard")
+
+
+def _texts_for(channel_name: str, texts: list[str], skips: list[str | None]) -> list[str]:
+    return [text for text, skip in zip(texts, skips, strict=True) if skip != channel_name]
 
 
 def _ignore_result(task: asyncio.Future[Any]) -> None:
