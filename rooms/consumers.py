@@ -1,6 +1,8 @@
 """The WebSocket shells: decode a frame, validate it in `protocol`, call one service or
 selector, reply, and fan out through the hub."""
 
+import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +17,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from rooms import protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
+from rooms.models import Message
 from rooms.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -109,12 +112,15 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
     async def websocket_receive(self, message: dict[str, Any]) -> None:
         text = message.get("text")
         if text is None:
+            await self.answered()
             await self.close(CLOSE_UNSUPPORTED_DATA)
             return
         if _too_big(text, settings.CHAT_MAX_FRAME_BYTES):
+            await self.answered()
             await self.close(CLOSE_TOO_BIG)
             return
         if not self.limiter.allow():
+            await self.answered()
             await self.send_body(protocol.fail(protocol.peek_action(text), protocol.SLOW_DOWN))
             if self.limiter.exhausted:
                 await self.close(CLOSE_POLICY_VIOLATION)
@@ -123,6 +129,9 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
 
     async def opened(self) -> None:
         """The socket was accepted."""
+
+    async def answered(self) -> None:
+        """Return once every earlier frame has its answer: replies go out in frame order."""
 
     async def closed(self, code: int | None) -> None:
         """The socket is gone; `code` is the close code the server reported."""
@@ -153,12 +162,19 @@ class EchoConsumer(FrameGuard):
 Action = Callable[["ChatConsumer", dict[str, Any]], Awaitable[None]]
 
 
+# A connection's posts are stored and answered in order while it goes on reading; at most this
+# many wait for their commit at once.
+MAX_POSTS_IN_FLIGHT = 32
+
+
 class ChatConsumer(FrameGuard):
     """/chat: rooms and nicknames, as described in docs/protocol.md."""
 
     seat: services.Seat | None = None
+    _posts: collections.deque["asyncio.Task[None]"]
 
     async def opened(self) -> None:
+        self._posts = collections.deque()
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
@@ -199,6 +215,8 @@ class ChatConsumer(FrameGuard):
         seat = self.seat
         if seat is None:
             return
+        # Posts sent before the socket closed are stored and heard before it leaves.
+        await self.answered()
         self.seat = None
         self.hub.detach(self)
         self.hub.leave(self, seat.room_id)
@@ -222,30 +240,40 @@ class ChatConsumer(FrameGuard):
         try:
             action, body = protocol.decode(text)
         except ProtocolError as refused:
+            await self.answered()
             await self.send_body(protocol.fail(None, refused.message))
             return
         handler = self.actions.get(action)
+        if handler is not ChatConsumer.chat_message:
+            # Only posts overlap (see chat_message); anything else waits for them to be through.
+            await self.answered()
         if handler is None:
             await self.send_body(protocol.fail(action, protocol.NOT_ALLOWED))
             return
         try:
             await handler(self, body)
-        except ProtocolError as refused:
-            await self.send_body(protocol.fail(refused.action, refused.message))
-        except services.NotConnected:
+        except Exception as error:
+            await self.answered()
+            await self._refuse(action, error)
+
+    async def _refuse(self, action: str, error: Exception) -> None:
+        """Answer an action that failed: a failure body, never a traceback."""
+        if isinstance(error, ProtocolError):
+            await self.send_body(protocol.fail(error.action, error.message))
+        elif isinstance(error, services.NotConnected):
             # Another process swept this connection while its own could not heartbeat; its
             # nick may be someone else's by now, so the client must start over.
             await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
             await self.close(CLOSE_TRY_AGAIN_LATER)
-        except (OperationalError, InterfaceError) as error:
+        elif isinstance(error, OperationalError | InterfaceError):
             # The database is unreachable: expected during an outage, one line per refusal.
             log.warning("database unavailable in %s: %s", action, error)
             await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
-        except DatabaseError:
-            log.exception("database error in %s", action)
+        elif isinstance(error, DatabaseError):
+            log.error("database error in %s", action, exc_info=error)
             await self.send_body(protocol.fail(action, protocol.UNAVAILABLE))
-        except Exception:
-            log.exception("error in %s", action)
+        else:
+            log.error("error in %s", action, exc_info=error)
             await self.send_body(protocol.fail(action, protocol.INTERNAL_ERROR))
 
     async def on_direct(self, event: dict[str, Any]) -> None:
@@ -300,8 +328,12 @@ class ChatConsumer(FrameGuard):
             # It could be stored but not delivered to the other processes' members.
             raise ProtocolError("chat_message", protocol.UNAVAILABLE)
         seat = self.seat
-        # The hub broadcasts the message once it is stored, before this returns.
-        stored = await self.hub.writer.store(
+        while len(self._posts) >= MAX_POSTS_IN_FLIGHT:
+            # Stop reading this socket until its oldest post is through.
+            await asyncio.wait({self._posts[0]})
+        # The hub broadcasts the message once it is stored; this socket goes on reading
+        # meanwhile, so a client's next post does not wait for this one's commit.
+        stored = self.hub.writer.submit(
             services.Post(
                 channel_name=self.channel_name,
                 room_id=seat.room_id,
@@ -310,8 +342,33 @@ class ChatConsumer(FrameGuard):
                 text=text,
             )
         )
-        ts = protocol.timestamp(stored.created_at)
-        await self.send_body(protocol.chat_ack(text, stored.pk, ts))
+        previous = self._posts[-1] if self._posts else None
+        task = asyncio.ensure_future(self._acknowledge(text, stored, previous))
+        self._posts.append(task)
+        task.add_done_callback(self._posts.remove)
+
+    async def _acknowledge(
+        self, text: str, stored: "asyncio.Future[Message]", previous: "asyncio.Task[None] | None"
+    ) -> None:
+        """Answer one post once it is stored, after the answers to the posts before it."""
+        try:
+            try:
+                message = await stored
+            finally:
+                if previous is not None:
+                    await asyncio.wait({previous})
+            ts = protocol.timestamp(message.created_at)
+            await self.send_body(protocol.chat_ack(text, message.pk, ts))
+        except Exception as error:
+            try:
+                await self._refuse("chat_message", error)
+            except Exception:
+                # The socket is gone; its disconnect cleans up.
+                log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
+
+    async def answered(self) -> None:
+        if self._posts:
+            await asyncio.wait(list(self._posts))
 
     async def user_list(self, body: dict[str, Any]) -> None:
         assert self.seat is not None

@@ -85,13 +85,18 @@ class MessageWriter:
         self._may_be_swept = may_be_swept
         self._publish = publish
 
-    async def store(self, post: services.Post) -> Message:
-        """Return once the message is committed; NotConnected if the sender was swept."""
+    def submit(self, post: services.Post) -> "asyncio.Future[Message]":
+        """Queue a message for the next batch. The future resolves once it is committed and
+        published (NotConnected if the sender was swept); messages are stored in the order
+        they were submitted."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting.append((post, future))
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
-        return await future
+        return future
+
+    async def store(self, post: services.Post) -> Message:
+        return await self.submit(post)
 
     async def _drain(self) -> None:
         try:

@@ -918,6 +918,49 @@ async def test_pipelined_frames_get_one_reply_each_in_order(connect_chat):
     await client.assert_nothing()
 
 
+async def test_back_to_back_posts_are_stored_acknowledged_and_heard_in_the_order_sent(
+    connect_chat,
+):
+    a, b = await pair(connect_chat)
+    texts = [f"m{i}" for i in range(15)]  # within the rate limit's burst
+    for text in texts:
+        await a.send({"action": "chat_message", "message": text})
+    acks = [await a.recv() for _ in texts]
+    assert [ack["message"] for ack in acks] == texts
+    ids = [ack["id"] for ack in acks]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    heard = [await b.recv() for _ in texts]
+    assert [(m["id"], m["message"]) for m in heard] == list(zip(ids, texts, strict=True))
+    assert [text for _, _, text in await stored_messages()] == texts
+
+
+async def test_a_refused_post_is_answered_after_the_posts_before_it(connect_chat):
+    client = await connect_chat()
+    await client.send({"action": "chat_message", "message": "fine"})
+    await client.send({"action": "chat_message", "message": ""})
+    await client.send({"action": "chat_message", "message": "also fine"})
+    replies = [await client.recv() for _ in range(3)]
+    assert [(r["success"], r["message"]) for r in replies] == [
+        (True, "fine"),
+        (False, "Message must be a non-empty string."),
+        (True, "also fine"),
+    ]
+
+
+async def test_posts_sent_just_before_closing_are_heard_before_the_sender_leaves(connect_chat):
+    a, b = await pair(connect_chat)
+    for text in ("last", "words"):
+        await a.send({"action": "chat_message", "message": text})
+    await a.disconnect()
+    frames = [await b.recv() for _ in range(3)]
+    assert [(f["action"], f.get("message")) for f in frames] == [
+        ("chat_message", "last"),
+        ("chat_message", "words"),
+        ("left", None),
+    ]
+    assert [text for _, _, text in await stored_messages()] == ["last", "words"]
+
+
 async def test_connect_that_cannot_be_seated_gets_unavailable_then_close_1013(monkeypatch):
     from django.db import OperationalError
 
