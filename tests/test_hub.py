@@ -97,3 +97,40 @@ async def test_a_post_of_a_swept_sender_is_neither_published_nor_acknowledged():
     assert isinstance(lost, services.NotConnected)
     assert cid.writes == [chat_frame("hubroom", kept, stored)]
     assert ann.writes == []
+
+
+async def next_turn() -> None:
+    """Return after the callbacks already scheduled on the event loop have run."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
+
+
+def frame_of(body: dict[str, Any]) -> bytes:
+    return text_frame(protocol.encode(body).encode())
+
+
+async def test_broadcasts_to_a_socket_in_one_turn_of_the_loop_go_out_in_one_write():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7)
+    first, second = {"n": 1}, {"n": 2}
+
+    await hub.broadcast(7, first)
+    await hub.broadcast(7, second)
+    assert ann.writes == []
+    await next_turn()
+
+    assert ann.writes == [frame_of(first) + frame_of(second)]
+
+
+async def test_what_waits_for_a_socket_is_written_before_anything_sent_after_it():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7)
+
+    await hub.broadcast(7, {"n": 1})
+    await hub.flush_to(ann)
+    ann.write_frame(b"reply")
+    await next_turn()
+
+    assert ann.writes == [frame_of({"n": 1}), b"reply"]
