@@ -105,7 +105,10 @@ DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
         conn_max_age=env_int("CHAT_DB_CONN_MAX_AGE", 600),
-        conn_health_checks=True,
+        # Off: Django would run SELECT 1 before every hop to the database thread (every
+        # connect, every batch of messages). A connection that broke while idle (a database
+        # restart) instead fails one action with the "unavailable" reply and is replaced.
+        conn_health_checks=False,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
