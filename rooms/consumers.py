@@ -2,7 +2,6 @@
 selector, reply, and fan out through the hub."""
 
 import asyncio
-import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -171,10 +170,10 @@ class ChatConsumer(FrameGuard):
     """/chat: rooms and nicknames, as described in docs/protocol.md."""
 
     seat: services.Seat | None = None
-    _posts: collections.deque["asyncio.Task[None]"]
+    _posts: list["asyncio.Task[None]"]
 
     async def opened(self) -> None:
-        self._posts = collections.deque()
+        self._posts = []
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
