@@ -10,6 +10,7 @@ django_application = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from rooms.hub import lifespan, start_with_server  # noqa: E402
 from rooms.routing import websocket_urlpatterns  # noqa: E402
 from rooms.security import BrowserOriginValidator  # noqa: E402
 from rooms.serving import patch_daphne_close_codes  # noqa: E402
@@ -23,5 +24,7 @@ application = ProtocolTypeRouter(
     {
         "http": django_application,
         "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
+        "lifespan": lifespan,
     }
 )
+start_with_server()

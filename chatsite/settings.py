@@ -224,5 +224,8 @@ CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
 # for without bound or allowed to slow its room down.
 CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
+# Start the process's hub (heartbeat, sweep, mailbox) when the server starts, not at the first
+# chat connection.
+CHAT_HUB_AT_STARTUP = True
 # Close sockets with 1001 and remove their presence on SIGTERM/SIGINT before the server stops.
 CHAT_GRACEFUL_SHUTDOWN = True

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -172,7 +173,7 @@ class Hub:
         if settings.CHAT_GRACEFUL_SHUTDOWN and in_main_thread:
             _close_on_signals(self)
 
-    async def start(self, scope: dict[str, Any]) -> None:
+    async def start(self, scope: dict[str, Any] | None = None) -> None:
         """Open the mailbox, clear what an earlier incarnation left, start the heartbeat."""
         if self._started:
             return
@@ -689,10 +690,61 @@ def _close_on_signals(hub: Hub) -> None:
         signal.signal(signum, wrap(signum, signal.getsignal(signum)))
 
 
-def _worker_name(scope: dict[str, Any]) -> str:
-    server = scope.get("server")
+def _worker_name(scope: dict[str, Any] | None) -> str:
+    server = scope.get("server") if scope else None
     where = server[1] if server and server[1] is not None else f"pid{os.getpid()}"
     return f"{socket.gethostname()}:{where}"
+
+
+_starting: set[asyncio.Task[None]] = set()
+
+
+def start_with_server() -> None:
+    """Start this process's hub as soon as daphne runs, rather than at its first chat
+    connection: a worker nobody is connected to must still heartbeat, and sweep the users of
+    workers that died. daphne has no lifespan events; it loads the application before its
+    reactor runs, so the start is queued on the reactor. (uvicorn says when it starts through
+    the ASGI lifespan protocol: see `lifespan`.)"""
+    if not settings.CHAT_HUB_AT_STARTUP or "daphne.server" not in sys.modules:
+        return
+    from twisted.internet import reactor
+
+    # Under uvicorn daphne.server is imported too (INSTALLED_APPS), but its reactor never
+    # runs. callLater runs inside the asyncio loop that daphne's reactor drives.
+    reactor.callWhenRunning(lambda: reactor.callLater(0, _start_in_background))
+
+
+async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The ASGI lifespan protocol (uvicorn): start the hub when the server starts."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            if settings.CHAT_HUB_AT_STARTUP:
+                # In the background: a database or layer that is down does not stop the server.
+                _start_in_background()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            # Sockets were closed on the signal already (`_close_on_signals`).
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _start_in_background() -> None:
+    task = asyncio.ensure_future(_start_until_started(get_hub()))
+    _starting.add(task)
+    task.add_done_callback(_starting.discard)
+
+
+async def _start_until_started(hub: Hub) -> None:
+    while not hub._started:
+        try:
+            await hub.start()
+        except Exception:
+            log.warning(
+                "could not start the hub yet (database or channel layer down?); retrying",
+                exc_info=True,
+            )
+            await asyncio.sleep(settings.CHAT_HEARTBEAT_SECONDS)
 
 
 _hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.WeakKeyDictionary()

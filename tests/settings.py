@@ -14,3 +14,5 @@ CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
 
 # Tests run hubs inside pytest's own process, whose signals are not the hub's to take.
 CHAT_GRACEFUL_SHUTDOWN = False
+# Each test starts the hub of its own event loop when it needs one.
+CHAT_HUB_AT_STARTUP = False

@@ -66,7 +66,7 @@ def server_command(kind: str, port: int, extra_args: Sequence[str] = ()) -> list
             "--ws",
             "websockets-sansio",
             "--lifespan",
-            "off",
+            "on",
             *extra_args,
         ]
     raise ValueError(f"unknown server kind {kind!r}; expected one of {KINDS}")

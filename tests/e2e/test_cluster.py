@@ -766,6 +766,7 @@ def insert_ghost(database_url: str, nick: str) -> None:
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("INSERT INTO rooms_room (name) VALUES ('Default') ON CONFLICT DO NOTHING")
         conn.execute(
             """
             INSERT INTO rooms_presence (channel_name, process, worker, nick, nick_key, room_id,
@@ -782,6 +783,28 @@ def insert_ghost(database_url: str, nick: str) -> None:
                 "key": nick.casefold(),
             },
         )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_worker_nobody_connected_to_sweeps_dead_workers_users(cluster, kind):
+    """A worker with no chat client yet (and no health check) still heartbeats and sweeps:
+    daphne and uvicorn do not say when they start, so the hub starts when the app loads."""
+    await cluster.start(kind)  # ready once /echo answers, which does not start the hub
+    await asyncio.to_thread(insert_ghost, cluster.database_url, "ghost")
+    assert await asyncio.to_thread(ghosts, cluster.database_url) == 1
+
+    async def ghost_gone() -> bool | None:
+        return True if not await asyncio.to_thread(ghosts, cluster.database_url) else None
+
+    await eventually(ghost_gone, timeout=RECOVERY, what="the ghost's presence swept")
+
+
+def ghosts(database_url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT count(*) FROM rooms_presence WHERE nick = 'ghost'").fetchone()
+    return row[0]
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
