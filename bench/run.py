@@ -197,12 +197,14 @@ def get(d: Any, *path: str) -> Any:
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     yard = next((r for r in results if r["config"] == "yardstick"), None)
     yard_max = get(yard, "scenarios", "fanout", "max_sustained", "deliveries_per_s")
+    yard_cost = cpu_us_per_delivery(get(yard, "scenarios", "fanout", "max_sustained") or {})
     rows = []
     for r in results:
         best = get(r, "scenarios", "fanout", "max_sustained") or {}
         rooms = get(r, "scenarios", "many_rooms") or {}
         idle = get(r, "scenarios", "idle") or {}
         value = best.get("deliveries_per_s")
+        cost = cpu_us_per_delivery(best)
         problems = [
             f"{k}: {v['error']}" for k, v in (r.get("scenarios") or {}).items() if "error" in v
         ]
@@ -218,6 +220,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99_ms_at_max": get(best, "latency", "p99_ms"),
                 "server_cpu_pct_at_max": best.get("server_cpu_pct"),
                 "loadgen_cpu_pct_at_max": best.get("loadgen_cpu_pct"),
+                "server_cpu_us_per_delivery": cost,
+                "cpu_vs_yardstick": round(yard_cost / cost, 3) if cost and yard_cost else None,
                 "saturated": get(r, "scenarios", "fanout", "saturated"),
                 "many_rooms_ratio": rooms.get("delivery_ratio"),
                 "many_rooms_p99_ms": get(rooms, "latency", "p99_ms"),
@@ -227,6 +231,15 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def cpu_us_per_delivery(step: dict[str, Any]) -> float | None:
+    """Server CPU time per delivered message during a fan-out step: what each delivery costs,
+    which still compares two servers when the load generator is what limits both."""
+    cpu, delivered = step.get("server_cpu_pct"), step.get("deliveries_per_s")
+    if not cpu or not delivered:
+        return None
+    return round(cpu / 100 * 1e6 / delivered, 2)
 
 
 def fmt(value: Any, spec: str = "") -> str:
@@ -243,7 +256,8 @@ def lg_cell(value: float | None) -> str:
 def print_table(rows: list[dict[str, Any]], clients: int) -> None:
     header = (
         f"{'config':<11} {'status':<6} {'max deliv/s':>11} {'vs yard':>7} {'@msg/s':>7} "
-        f"{'p99 ms':>7} {'srv CPU%':>8} {'lg CPU%':>7} | {'rooms ratio':>11} {'rooms p99':>9} "
+        f"{'p99 ms':>7} {'srv CPU%':>8} {'lg CPU%':>7} {'us/deliv':>8} {'cpu vs yard':>11} "
+        f"| {'rooms ratio':>11} {'rooms p99':>9} "
         f"| {'idle KB/conn':>12} {'conn/s':>7}"
     )
     log("")
@@ -256,7 +270,9 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
             f"{fmt(row['max_deliveries_per_s'], ',.0f') + mark:>11} "
             f"{fmt(row['vs_yardstick'], '.2f'):>7} {fmt(row['at_msgs_per_s'], '.0f'):>7} "
             f"{fmt(row['p99_ms_at_max'], '.1f'):>7} {fmt(row['server_cpu_pct_at_max'], '.0f'):>8} "
-            f"{lg_cell(row['loadgen_cpu_pct_at_max']):>7} | "
+            f"{lg_cell(row['loadgen_cpu_pct_at_max']):>7} "
+            f"{fmt(row['server_cpu_us_per_delivery'], '.2f'):>8} "
+            f"{fmt(row['cpu_vs_yardstick'], '.2f'):>11} | "
             f"{fmt(row['many_rooms_ratio'], '.4f'):>11} "
             f"{fmt(row['many_rooms_p99_ms'], '.1f'):>9} | "
             f"{fmt(row['idle_kb_per_conn'], '.1f'):>12} "
@@ -270,7 +286,10 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
         f"max deliv/s: measured deliveries/s of the highest fan-out step (1 room x {clients} "
         "clients) with delivery ratio >= 0.99 and p99 <= 200 ms; '+' = no step failed. CPU% "
         "per core (100 = one core) during that step, server and load generator (lg); "
-        f"'!' = lg >= {LG_BUSY_PCT}%, the generator may share the limit."
+        f"'!' = lg >= {LG_BUSY_PCT}%, the generator may share the limit. us/deliv: server "
+        "CPU microseconds per delivered message in that step; cpu vs yard: the yardstick's "
+        "us/deliv divided by this one's (1.00 = as cheap per delivery as the yardstick), the "
+        "fairer ratio when the generator limits both."
     )
 
 
