@@ -43,6 +43,8 @@ MAX_BATCH = 500
 SLOW_READER_GRACE = 2.0
 # Broadcasts kept for replay while the channel layer is down; older ones are dropped.
 MAX_UNDELIVERED = 1000
+# Every this many heartbeats, this process's presence rows are compared with its sockets.
+RECONCILE_EVERY = 15
 
 
 class Socket(Protocol):
@@ -98,6 +100,12 @@ class MessageWriter:
 
     async def store(self, post: services.Post) -> Message:
         return await self.submit(post)
+
+    async def idle(self, *, timeout: float) -> None:
+        """Return once every submitted message is stored and published (or `timeout` passed)."""
+        draining = self._draining
+        if draining is not None:
+            await asyncio.wait({draining}, timeout=timeout)
 
     async def _drain(self) -> None:
         try:
@@ -161,6 +169,7 @@ class Hub:
             maxlen=MAX_UNDELIVERED
         )
         self._healthy_beats = 0
+        self._beats = 0
         self._subscribed: set[int] = set()
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -219,6 +228,8 @@ class Hub:
             except Exception:
                 log.debug("close failed", exc_info=True)
         if self._started:
+            # Posts already accepted are stored and heard before their authors' `left`.
+            await self.writer.idle(timeout=grace)
             try:
                 departures = await database_sync_to_async(services.presence_clear_process)(
                     process=self.process
@@ -324,7 +335,10 @@ class Hub:
             texts.append(protocol.encode(body))
             skips.append(post.channel_name)
         for room_id, (texts, skips) in rooms.items():
-            await self._fan_out(room_id, texts, skips)
+            try:
+                await self._fan_out(room_id, texts, skips)
+            except Exception:
+                log.exception("could not publish %d messages to room %d", len(texts), room_id)
 
     async def _fan_out(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
         await self._deliver(room_id, texts, skips)
@@ -428,7 +442,12 @@ class Hub:
         ]
         task = asyncio.ensure_future(self._send_texts(member, texts))
         self._sending[member] = task
-        task.add_done_callback(lambda _: self._sending.pop(member, None))
+
+        def sent(_: object) -> None:
+            if self._sending.get(member) is task:
+                del self._sending[member]
+
+        task.add_done_callback(sent)
 
     async def flush_to(self, member: Any) -> None:
         """Write what waits for one socket now, before something else is sent to it, so that
@@ -528,7 +547,10 @@ class Hub:
             self._database_ok_since = self._heartbeat_ok_at
         if self._orphans:
             await self._bury_orphans()
-        if present != len(self.members):
+        self._beats += 1
+        # Counts that differ tell of a mismatch at once; equal counts can hide two, so the
+        # sets are compared now and then regardless.
+        if present != len(self.members) or self._beats % RECONCILE_EVERY == 0:
             await self._reconcile()
         if self.distributed:
             await self._resubscribe()
@@ -601,14 +623,17 @@ class Hub:
         heard `left` when the socket closed.
         """
         alive = set(await database_sync_to_async(services.presence_channels)(process=self.process))
+        # Judged now: a connection seated during the awaits below is not in `alive`, and alive.
+        swept = [m for name, m in self.members.items() if name not in alive]
         ghosts = alive - self._addresses - self._orphans.keys()
         if ghosts:
             log.warning("removing %d presence rows with no connection behind them", len(ghosts))
             await database_sync_to_async(services.presence_forget)(
                 process=self.process, channel_names=sorted(ghosts)
             )
-        for channel_name, member in list(self.members.items()):
-            if channel_name not in alive:
+        for member in swept:
+            channel_name = member.channel_name
+            if self.members.get(channel_name) is member:
                 log.warning("%s was swept while connected; closing it", channel_name)
                 try:
                     await member.on_direct(

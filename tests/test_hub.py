@@ -134,3 +134,50 @@ async def test_what_waits_for_a_socket_is_written_before_anything_sent_after_it(
     await next_turn()
 
     assert ann.writes == [frame_of({"n": 1}), b"reply"]
+
+
+class Seated(Writer):
+    """A connection the heartbeat may judge: it records what is sent to it directly."""
+
+    def __init__(self, channel_name: str) -> None:
+        super().__init__(channel_name)
+        self.direct: list[dict[str, Any]] = []
+
+    async def on_direct(self, event: dict[str, Any]) -> None:
+        self.direct.append(event)
+
+
+async def test_a_connection_seated_while_the_heartbeat_reconciles_is_not_taken_for_swept(
+    monkeypatch,
+):
+    hub = Hub(InMemoryChannelLayer())
+    await hub.start()
+    try:
+        await reconcile_while_a_newcomer_arrives(hub, monkeypatch)
+    finally:
+        await hub.stop()
+
+
+async def reconcile_while_a_newcomer_arrives(hub: Hub, monkeypatch) -> None:
+    loop = asyncio.get_running_loop()
+    ghost = hub.address()
+    await database_sync_to_async(services.presence_connect)(
+        channel_name=ghost, process=hub.process, worker="w"
+    )
+    hub.release(ghost)  # its socket is gone, its row is not: the heartbeat removes it
+    newcomer = Seated(hub.address())
+    forget = services.presence_forget
+
+    def forget_while_a_newcomer_arrives(**kwargs):
+        removed = forget(**kwargs)
+        services.presence_connect(
+            channel_name=newcomer.channel_name, process=hub.process, worker="w"
+        )
+        loop.call_soon_threadsafe(hub.attach, newcomer)
+        return removed
+
+    monkeypatch.setattr(services, "presence_forget", forget_while_a_newcomer_arrives)
+    await hub.heartbeat()
+
+    assert newcomer.direct == []
+    assert hub.members == {newcomer.channel_name: newcomer}
