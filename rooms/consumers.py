@@ -214,16 +214,21 @@ class ChatConsumer(FrameGuard):
         seat = self.seat
         if seat is None:
             return
-        # Posts sent before the socket closed are stored and heard before it leaves.
-        await self.answered()
         self.seat = None
         self.hub.detach(self)
         self.hub.leave(self, seat.room_id)
         shame = dropped_without_close(self.base_send, code)
         try:
+            # Posts sent before the socket closed are stored and heard before it leaves.
+            await self.answered()
             gone = await database_sync_to_async(services.presence_disconnect)(
                 channel_name=self.channel_name
             )
+        except asyncio.CancelledError:
+            # The server stopped waiting for this consumer: the heartbeat takes the seat back
+            # and tells the room, as for any seat whose removal failed.
+            self.hub.orphan(self.channel_name, shame=shame)
+            raise
         except Exception:
             log.warning("could not clear presence of %s; retrying later", self.channel_name)
             self.hub.orphan(self.channel_name, shame=shame)
@@ -350,20 +355,22 @@ class ChatConsumer(FrameGuard):
         self, text: str, stored: "asyncio.Future[Message]", previous: "asyncio.Task[None] | None"
     ) -> None:
         """Answer one post once it is stored, after the answers to the posts before it."""
+        refused: Exception | None = None
         try:
-            try:
-                message = await stored
-            finally:
-                if previous is not None:
-                    await asyncio.wait({previous})
-            ts = protocol.timestamp(message.created_at)
-            await self.send_body(protocol.chat_ack(text, message.pk, ts))
+            message = await stored
         except Exception as error:
-            try:
-                await self._refuse("chat_message", error)
-            except Exception:
-                # The socket is gone; its disconnect cleans up.
-                log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
+            refused = error
+        if previous is not None:
+            await asyncio.wait({previous})
+        try:
+            if refused is not None:
+                await self._refuse("chat_message", refused)
+            else:
+                ts = protocol.timestamp(message.created_at)
+                await self.send_body(protocol.chat_ack(text, message.pk, ts))
+        except Exception:
+            # The client left before its answer: its disconnect cleans up.
+            log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
 
     async def answered(self) -> None:
         if self._posts:
