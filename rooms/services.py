@@ -87,6 +87,7 @@ def _sql(vendor: str) -> dict[str, str]:
     presence, room, nickname = (
         connection.ops.quote_name(model._meta.db_table) for model in (Presence, Room, Nickname)
     )
+    key = connection.ops.quote_name("key")
     return {
         "room_id": f"SELECT id FROM {room} WHERE name = %s",
         # ON CONFLICT DO NOTHING: a nick (or address) already taken inserts nothing, and
@@ -98,7 +99,7 @@ def _sql(vendor: str) -> dict[str, str]:
         "move": f"UPDATE {presence} SET room_id = %s, joined_at = {entered}"
         " WHERE channel_name = %s",
         "unseat": f"DELETE FROM {presence} WHERE channel_name = %s",
-        "nick_seen": f"UPDATE {nickname} SET last_seen = {now} WHERE key = %s",
+        "nick_seen": f"UPDATE {nickname} SET last_seen = {now} WHERE {key} = %s",
     }
 
 

@@ -1051,8 +1051,9 @@ async def test_heartbeat_removes_rows_of_this_process_with_no_connection_silentl
     await insert_presence(f"{hub.process}|999999", hub.process, "ghost")
     await hub.heartbeat()
     assert await present_nicks() == {a.nick, b.nick}
-    # Its room heard `left` when it closed: nothing more is sent (the reply comes next).
+    # Its room heard `left` when it closed: nothing more is sent (the replies come next).
     assert (await a.request({"action": "user_list"}))["users"] == [a.nick, b.nick]
+    assert (await b.request({"action": "user_list"}))["users"] == [a.nick, b.nick]
 
 
 async def test_heartbeat_keeps_the_row_of_a_connection_being_seated(connect_chat):
