@@ -105,7 +105,7 @@ class Chat:
 
     def write(self, member: Member, frames: list[bytes]) -> None:
         transport = member.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not member.ws.closed:
             transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def send(self, member: Member, payload: bytes) -> None:
