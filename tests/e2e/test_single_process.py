@@ -386,3 +386,25 @@ async def test_echo_round_trip_on_the_real_server(server, clients):
     assert json.loads(await asyncio.wait_for(ws.recv(), FRAME_TIMEOUT)) == {
         "echo": {"数学": [1, None]}
     }
+
+
+async def test_posts_in_flight_when_their_sender_leaves_are_heard_and_log_no_error(server, clients):
+    """A bot that fires posts and closes at once: every post is stored and heard before its
+    sender's left, and the answers it is no longer there to read are not server errors."""
+    alice = await chat(server, clients)
+    bob = await chat(server, clients)
+    await alice.recv()  # bob joined
+    texts = [f"parting shot {i}" for i in range(10)]
+    for text in texts:
+        await bob.ws.send(json.dumps({"action": "chat_message", "message": text}))
+    await bob.ws.close()
+
+    heard = [await alice.recv() for _ in range(len(texts) + 1)]
+    assert [(f["action"], f.get("message")) for f in heard] == [
+        *(("chat_message", text) for text in texts),
+        ("left", None),
+    ]
+    history = await alice.request({"action": "history", "limit": 50})
+    assert [m["message"] for m in history["messages"]] == texts
+    assert " ERROR " not in server.output()
+    assert "Traceback" not in server.output()
