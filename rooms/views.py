@@ -8,8 +8,8 @@ from rooms.hub import get_hub
 
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database and the channel layer answer, 503 when one does not."""
-    # A worker that has had no chat client yet still joins in: it heartbeats and sweeps dead
-    # workers' users from the first health check on.
+    # The hub starts with daphne and uvicorn (rooms.hub.start_with_server, lifespan); under
+    # another server a worker with no chat client yet joins in from its first health check.
     hub = get_hub()
     with contextlib.suppress(Exception):
         await hub.start(request.scope)
