@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -35,6 +35,7 @@ from rooms.models import Message, group_name
 from rooms.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROBE_GROUP = "chat-probe"
 # At most this many messages share one transaction.
@@ -395,7 +396,8 @@ class Hub:
         if not local:
             return
         limit = self.backlog_limit
-        everything = b"".join(serving.text_frame(text.encode()) for text in texts)
+        frames = [serving.text_frame(text.encode()) for text in texts]
+        everything = b"".join(frames)
         skipped = set(skips)
         outbox = self._outbox
         for member in tuple(local.values()):
@@ -409,10 +411,7 @@ class Hub:
                 continue
             data = everything
             if channel_name in skipped:
-                data = b"".join(
-                    serving.text_frame(text.encode())
-                    for text in _texts_for(channel_name, texts, skips)
-                )
+                data = b"".join(_texts_for(channel_name, frames, skips))
                 if not data:
                     continue
             chunks = outbox.get(member)
@@ -667,8 +666,9 @@ class Hub:
                     self._layer_failed("group_discard")
 
 
-def _texts_for(channel_name: str, texts: list[str], skips: list[str | None]) -> list[str]:
-    return [text for text, skip in zip(texts, skips, strict=True) if skip != channel_name]
+def _texts_for(channel_name: str, items: list[T], skips: list[str | None]) -> list[T]:
+    """The texts (or their frames) that one member gets: all but those it is skipped for."""
+    return [item for item, skip in zip(items, skips, strict=True) if skip != channel_name]
 
 
 def _ignore_result(task: asyncio.Future[Any]) -> None:
