@@ -1,7 +1,7 @@
 """Everything that changes chat state. One transaction each; called from async code through
 `database_sync_to_async`, and from the admin and management commands directly.
 
-What every connection does (connect, switch rooms, disconnect) is written in SQL: it all runs
+What every connection does (connect, rename, switch rooms, disconnect) is written in SQL: it runs
 on the one database thread of a server process, where the ORM's cost of building each query
 capped how fast clients could connect. The rest uses the ORM.
 """
@@ -10,6 +10,7 @@ import functools
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
@@ -49,10 +50,6 @@ class Departure:
     room_id: int
     room_name: str
     process: str
-
-
-def _seat(presence: Presence) -> Seat:
-    return Seat(nick=presence.nick, room_id=presence.room_id, room_name=presence.room.name)
 
 
 def _departure(presence: Presence) -> Departure:
@@ -99,6 +96,7 @@ def _sql(vendor: str) -> dict[str, str]:
         "move": f"UPDATE {presence} SET room_id = %s, joined_at = {entered}"
         " WHERE channel_name = %s",
         "unseat": f"DELETE FROM {presence} WHERE channel_name = %s",
+        "rename": f"UPDATE {presence} SET nick = %s, nick_key = %s WHERE channel_name = %s",
         "nick_seen": f"UPDATE {nickname} SET last_seen = {now} WHERE {key} = %s",
     }
 
@@ -135,14 +133,19 @@ def _room_id(name: str) -> int:
     return Room.objects.get_or_create(name=name)[0].pk
 
 
-def _presence(channel_name: str, *, for_update: bool = False) -> Presence:
-    rows = Presence.objects.select_related("room")
-    if for_update:
-        rows = rows.select_for_update(of=("self",))
-    try:
-        return rows.get(channel_name=channel_name)
-    except Presence.DoesNotExist:
-        raise NotConnected(channel_name) from None
+class _Presence(NamedTuple):
+    nick: str
+    nick_key: str
+    room_id: int
+    room_name: str
+    process: str
+
+
+def _locked(cursor, channel_name: str) -> _Presence | None:
+    """A connection's presence, locked until the transaction ends; None if it has none."""
+    _execute(cursor, "where", [channel_name])
+    row = cursor.fetchone()
+    return None if row is None else _Presence(*row)
 
 
 @transaction.atomic
@@ -165,30 +168,33 @@ def presence_disconnect(*, channel_name: str) -> Departure | None:
     """Remove a closed connection's presence, freeing its nick; None if already swept."""
     with connection.cursor() as cursor:
         _relaxed_commit(cursor)
-        _execute(cursor, "where", [channel_name])
-        row = cursor.fetchone()
-        if row is None:
+        presence = _locked(cursor, channel_name)
+        if presence is None:
             return None
-        nick, nick_key, room_id, room_name, process = row
         _execute(cursor, "unseat", [channel_name])
-        _execute(cursor, "nick_seen", [nick_key])
-    return Departure(nick=nick, room_id=room_id, room_name=room_name, process=process)
+        _execute(cursor, "nick_seen", [presence.nick_key])
+    return Departure(
+        nick=presence.nick,
+        room_id=presence.room_id,
+        room_name=presence.room_name,
+        process=presence.process,
+    )
 
 
 @transaction.atomic
 def nick_set(*, channel_name: str, nick: str) -> tuple[str, Seat]:
     """Rename a connection; returns its previous nick and its new seat."""
-    presence = _presence(channel_name, for_update=True)
-    previous = presence.nick
-    key = name_key(nick)
-    try:
-        with transaction.atomic():
-            Presence.objects.filter(pk=presence.pk).update(nick=nick, nick_key=key)
-    except IntegrityError:
-        raise NickInUse(nick) from None
+    with connection.cursor() as cursor:
+        presence = _locked(cursor, channel_name)
+        if presence is None:
+            raise NotConnected(channel_name)
+        try:
+            with transaction.atomic():
+                _execute(cursor, "rename", [nick, name_key(nick), channel_name])
+        except IntegrityError:
+            raise NickInUse(nick) from None
     _nickname_seen(nick)
-    presence.nick = nick
-    return previous, _seat(presence)
+    return presence.nick, Seat(nick=nick, room_id=presence.room_id, room_name=presence.room_name)
 
 
 @transaction.atomic
@@ -196,18 +202,16 @@ def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
     """Move a connection to another room (created on first use); returns (old, new) seats."""
     with connection.cursor() as cursor:
         _relaxed_commit(cursor)
-        _execute(cursor, "where", [channel_name])
-        row = cursor.fetchone()
-        if row is None:
+        presence = _locked(cursor, channel_name)
+        if presence is None:
             raise NotConnected(channel_name)
-        nick, _, old_room_id, old_room_name, _ = row
-        if old_room_name == room_name:
+        if presence.room_name == room_name:
             raise AlreadyInRoom(room_name)
         room_id = _room_id(room_name)
         # joined_at orders a room's users by when they entered it.
         _execute(cursor, "move", [room_id, *_entered(), channel_name])
-    old = Seat(nick=nick, room_id=old_room_id, room_name=old_room_name)
-    return old, Seat(nick=nick, room_id=room_id, room_name=room_name)
+    old = Seat(nick=presence.nick, room_id=presence.room_id, room_name=presence.room_name)
+    return old, Seat(nick=presence.nick, room_id=room_id, room_name=room_name)
 
 
 @dataclass(frozen=True, slots=True)
