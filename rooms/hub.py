@@ -99,9 +99,6 @@ class MessageWriter:
             self._draining = asyncio.create_task(self._drain())
         return future
 
-    async def store(self, post: services.Post) -> Message:
-        return await self.submit(post)
-
     async def idle(self, *, timeout: float) -> None:
         """Return once every submitted message is stored and published (or `timeout` passed)."""
         draining = self._draining

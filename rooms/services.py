@@ -225,11 +225,6 @@ class Post:
     text: str
 
 
-def message_create(*, room_id: int, author: str, text: str) -> Message:
-    """Store a chat message; it is committed when this returns."""
-    return Message.objects.create(room_id=room_id, author=author, text=text)
-
-
 @transaction.atomic
 def messages_create(*, posts: list[Post], check_presence: bool = True) -> list[Message | None]:
     """Store the messages of connections that are still present, in one transaction.

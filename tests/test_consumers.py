@@ -24,10 +24,13 @@ def stored_messages() -> list[tuple[str, str, str]]:
 @database_sync_to_async
 def seed_messages(room_name: str, count: int) -> list[int]:
     room, _ = Room.objects.get_or_create(name=room_name)
-    return [
-        services.message_create(room_id=room.pk, author="seed", text=f"m{i}").pk
+    posts = [
+        services.Post(
+            channel_name="seed", room_id=room.pk, room_name=room_name, author="seed", text=f"m{i}"
+        )
         for i in range(count)
     ]
+    return [message.pk for message in services.messages_create(posts=posts, check_presence=False)]
 
 
 async def pair(connect_chat, room: str | None = None):

@@ -70,7 +70,7 @@ async def test_posts_stored_together_reach_each_member_in_one_write_without_thei
     ]
 
     # Both are waiting before the writer's first batch starts, so they share it.
-    stored = await asyncio.gather(*(hub.writer.store(post) for post in posts))
+    stored = await asyncio.gather(*(hub.writer.submit(post) for post in posts))
 
     one, two = (chat_frame("hubroom", p, s) for p, s in zip(posts, stored, strict=True))
     assert cid.writes == [one + two]
@@ -91,7 +91,7 @@ async def test_a_post_of_a_swept_sender_is_neither_published_nor_acknowledged():
     )
 
     lost, stored = await asyncio.gather(
-        hub.writer.store(ghost), hub.writer.store(kept), return_exceptions=True
+        hub.writer.submit(ghost), hub.writer.submit(kept), return_exceptions=True
     )
 
     assert isinstance(lost, services.NotConnected)

@@ -235,20 +235,27 @@ def rooms():
     return default, other
 
 
+def store(room: Room, author: str, text: str) -> Message:
+    """One message stored the way the chat stores them (no presence needed)."""
+    post = services.Post(
+        channel_name="seed", room_id=room.pk, room_name=room.name, author=author, text=text
+    )
+    [message] = services.messages_create(posts=[post], check_presence=False)
+    assert message is not None
+    return message
+
+
 def fill(room: Room, count: int) -> list[int]:
-    return [
-        services.message_create(room_id=room.pk, author="ann", text=f"m{i}").pk
-        for i in range(count)
-    ]
+    return [store(room, "ann", f"m{i}").pk for i in range(count)]
 
 
 def ids(page: list[dict]) -> list[int]:
     return [row["id"] for row in page]
 
 
-def test_message_create_stores_the_message():
+def test_messages_create_stores_the_message():
     room = Room.objects.create(name="math")
-    message = services.message_create(room_id=room.pk, author="ann", text="hi\nthere")
+    message = store(room, "ann", "hi\nthere")
     stored = Message.objects.get(pk=message.pk)
     assert (stored.room_id, stored.author, stored.text) == (room.pk, "ann", "hi\nthere")
     # The consumer builds `ts` from the returned instance, so the default must be read back.
@@ -258,7 +265,7 @@ def test_message_create_stores_the_message():
 
 def test_message_history_rows_have_id_user_message_and_ts(rooms):
     default, _ = rooms
-    message = services.message_create(room_id=default.pk, author="ann", text="hi")
+    message = store(default, "ann", "hi")
     message.refresh_from_db()
     assert selectors.message_history(room_name="Default", before=None, after=None, limit=5) == [
         {"id": message.pk, "user": "ann", "message": "hi", "ts": timestamp(message.created_at)}
