@@ -193,10 +193,9 @@ class ChatConsumer(FrameGuard):
             await self.send_body(protocol.connecting(seat.room_name, seat.nick))
             await self.hub.enter(self, seat.room_id)
             await self._broadcast(protocol.joined(seat.room_name, seat.nick))
-            messages = await database_sync_to_async(selectors.message_history)(
-                room_id=seat.room_id, limit=settings.CHAT_HISTORY_DEFAULT
+            await self._send_history(
+                seat.room_name, room_id=seat.room_id, limit=settings.CHAT_HISTORY_DEFAULT
             )
-            await self.send_body(protocol.history(seat.room_name, messages))
         except Exception:
             # Seated but not fully greeted: close, and let closed() take the seat back.
             log.exception("could not finish connecting %s", self.channel_name)
@@ -291,11 +290,10 @@ class ChatConsumer(FrameGuard):
         assert self.seat is not None
         await self.hub.broadcast(self.seat.room_id, body, skip=self.channel_name)
 
-    async def _send_history(self, query: protocol.HistoryQuery) -> None:
-        messages = await database_sync_to_async(selectors.message_history)(
-            room_name=query.room, before=query.before, after=query.after, limit=query.limit
-        )
-        await self.send_body(protocol.history(query.room, messages))
+    async def _send_history(self, room: str, **page: Any) -> None:
+        """Send a history page of a room; `page` selects it (see selectors.message_history)."""
+        messages = await database_sync_to_async(selectors.message_history)(**page)
+        await self.send_body(protocol.history(room, messages))
 
     async def set_nick(self, body: dict[str, Any]) -> None:
         nick = protocol.nick_from(body)
@@ -384,13 +382,18 @@ class ChatConsumer(FrameGuard):
 
     async def history(self, body: dict[str, Any]) -> None:
         assert self.seat is not None
+        query = protocol.history_query_from(
+            body,
+            current=self.seat.room_name,
+            default_limit=settings.CHAT_HISTORY_DEFAULT,
+            max_limit=settings.CHAT_HISTORY_MAX,
+        )
         await self._send_history(
-            protocol.history_query_from(
-                body,
-                current=self.seat.room_name,
-                default_limit=settings.CHAT_HISTORY_DEFAULT,
-                max_limit=settings.CHAT_HISTORY_MAX,
-            )
+            query.room,
+            room_name=query.room,
+            before=query.before,
+            after=query.after,
+            limit=query.limit,
         )
 
     async def room_list(self, body: dict[str, Any]) -> None:
