@@ -73,3 +73,23 @@ def test_unknown_servers_get_the_plain_asgi_path():
     assert frame_writer(unknown_send) is None
     assert backlog_gauge(unknown_send, 1024) is None
     assert frame_writer(functools.partial(unknown_send)) is None
+
+
+def test_autobahn_formats_its_debug_arguments_only_when_they_are_written():
+    from pprint import pformat
+
+    import autobahn.websocket.protocol as autobahn_protocol
+
+    from rooms.serving import patch_autobahn_debug_args
+
+    patch_autobahn_debug_args()
+    patch_autobahn_debug_args()  # idempotent: the app may be loaded twice
+    settings = [("openHandshakeTimeout", 5, "Factory"), ("autoPingInterval", 0, "Factory")]
+    deferred = autobahn_protocol.pformat(settings)
+    assert not isinstance(deferred, str)
+    assert str(deferred) == pformat(settings)
+    assert f"{deferred}" == pformat(settings)
+    timings = autobahn_protocol.Timings()
+    timings.track("onOpen")
+    assert isinstance(str(timings), str)
+    assert "onOpen" in str(timings)
