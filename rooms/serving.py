@@ -162,16 +162,53 @@ def _daphne_writer(protocol: Any) -> Callable[[bytes], bool] | None:
         return None
     opened = protocol.STATE_OPEN
     queue = protocol.send_queue
+    plain_tcp = getattr(sys.modules.get("twisted.internet.tcp"), "Server", None)
 
     def write(frame: bytes) -> bool:
         # autobahn writes straight to the transport unless its own queue holds something;
         # then a direct write would overtake it.
-        if protocol.state != opened or queue or protocol.transport is None:
+        transport = protocol.transport
+        if protocol.state != opened or queue or transport is None:
             return False
-        protocol.transport.write(frame)
+        if type(transport) is plain_tcp:
+            _send_now(transport, frame)
+        else:
+            transport.write(frame)
         return True
 
     return write
+
+
+def _send_now(transport: Any, frame: bytes) -> None:
+    """Write to a plain Twisted TCP connection the way asyncio's transports do: try the
+    socket at once, and leave only what it did not take to Twisted's buffer.
+
+    Twisted's own write always buffers, asks the reactor to watch the socket for
+    writability, sends on the next turn, then stops watching: two epoll_ctl calls and a
+    loop turn for every write, about a fifth of daphne's main thread when 2,000 clients
+    connect. Sending directly is only equivalent while Twisted holds nothing unsent for
+    this connection (or the frame would overtake it) and the connection is plain TCP,
+    open for writing.
+    """
+    if (
+        transport.TLS
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or transport._tempDataLen
+        or transport.offset != len(transport.dataBuffer)
+    ):
+        transport.write(frame)
+        return
+    try:
+        sent = transport.socket.send(frame)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # A broken connection: Twisted finds it on its own write and reports it as usual.
+        sent = 0
+    if sent < len(frame):
+        transport.write(frame[sent:])
 
 
 def dropped_without_close(send: Any, code: int | None) -> bool:

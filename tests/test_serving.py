@@ -1,12 +1,22 @@
 """The adapters to the ASGI servers: shared frames, close classification, backlog gauges."""
 
 import functools
+import socket
+from pprint import pformat
 
+import autobahn.websocket.protocol as autobahn_protocol
 import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from rooms.serving import backlog_gauge, dropped_without_close, frame_writer, text_frame
+from rooms.serving import (
+    _send_now,
+    backlog_gauge,
+    dropped_without_close,
+    frame_writer,
+    patch_autobahn_debug_args,
+    text_frame,
+)
 
 
 def parse(frame: bytes) -> Frame:
@@ -76,12 +86,6 @@ def test_unknown_servers_get_the_plain_asgi_path():
 
 
 def test_autobahn_formats_its_debug_arguments_only_when_they_are_written():
-    from pprint import pformat
-
-    import autobahn.websocket.protocol as autobahn_protocol
-
-    from rooms.serving import patch_autobahn_debug_args
-
     patch_autobahn_debug_args()
     patch_autobahn_debug_args()  # idempotent: the app may be loaded twice
     settings = [("openHandshakeTimeout", 5, "Factory"), ("autoPingInterval", 0, "Factory")]
@@ -93,3 +97,80 @@ def test_autobahn_formats_its_debug_arguments_only_when_they_are_written():
     timings.track("onOpen")
     assert isinstance(str(timings), str)
     assert "onOpen" in str(timings)
+
+
+class FakeTwistedTransport:
+    """The parts of a Twisted TCP connection `_send_now` reads, over a real socket."""
+
+    TLS = False
+    connected = True
+    disconnecting = False
+    _writeDisconnecting = False
+
+    def __init__(self, sock, buffered: bytes = b""):
+        self.socket = sock
+        self.dataBuffer = buffered
+        self.offset = 0
+        self._tempDataLen = 0
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+
+@pytest.fixture
+def socket_pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_send_now_writes_to_the_socket_when_twisted_holds_nothing(socket_pair):
+    ours, peer = socket_pair
+    transport = FakeTwistedTransport(ours)
+    _send_now(transport, b"frame")
+    assert peer.recv(100) == b"frame"
+    assert transport.written == []
+
+
+def test_send_now_queues_behind_what_twisted_has_not_sent_yet(socket_pair):
+    ours, peer = socket_pair
+    transport = FakeTwistedTransport(ours, buffered=b"earlier")
+    _send_now(transport, b"later")
+    assert transport.written == [b"later"]
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+
+
+def test_send_now_hands_twisted_exactly_what_a_full_socket_did_not_take(socket_pair):
+    ours, peer = socket_pair
+    transport = FakeTwistedTransport(ours)
+    frame = bytes(range(256)) * 40_000  # far more than a socket buffer holds
+    _send_now(transport, frame)
+    received = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            break
+        received += chunk
+    assert len(transport.written) == 1
+    assert 0 < len(received) < len(frame)
+    assert received + transport.written[0] == frame
+
+
+@pytest.mark.parametrize(
+    "state", [{"TLS": True}, {"disconnecting": True}, {"_writeDisconnecting": True}]
+)
+def test_send_now_leaves_tls_and_closing_connections_to_twisted(socket_pair, state):
+    ours, peer = socket_pair
+    transport = FakeTwistedTransport(ours)
+    for name, value in state.items():
+        setattr(transport, name, value)
+    _send_now(transport, b"frame")
+    assert transport.written == [b"frame"]
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
