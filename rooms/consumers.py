@@ -79,8 +79,11 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         if self.backlog is not None and self.backlog() > self.hub.backlog_limit:
             self.hub.drop_slow(self)
             return
+        text = protocol.encode(body)
+        if self.hub.reply(self, text):
+            return
         await self.hub.flush_to(self)
-        await self.base_send({"type": "websocket.send", "text": protocol.encode(body)})
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
         await self.hub.flush_to(self)

@@ -71,8 +71,9 @@ class Member(Socket, Protocol):
 
 
 Stored = list[tuple[services.Post, Message]]
-# Frames for one socket (as one piece of bytes), and the texts and skips they were made from.
-Chunk = tuple[bytes, list[str], list[str | None]]
+# Frames for one socket (as one piece of bytes), and the texts and skips they were made from
+# (no skips: a reply to this socket alone).
+Chunk = tuple[bytes, list[str], list[str | None] | None]
 
 
 class MessageWriter:
@@ -418,6 +419,23 @@ class Hub:
         if outbox and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
+    def reply(self, member: Member, text: str) -> bool:
+        """Queue one text for one socket, behind what already waits for it in the outbox;
+        False where the hub does not write to that socket itself.
+
+        A reply and the broadcasts around it then go out in one write at the end of this
+        turn of the event loop, framed here rather than by the server.
+        """
+        if member.write_frame is None or member in self._sending:
+            return False
+        chunks = self._outbox.get(member)
+        if chunks is None:
+            self._outbox[member] = chunks = []
+        chunks.append((serving.text_frame(text.encode()), [text], None))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
     def _flush(self) -> None:
         """Write what the outbox holds: one write per socket."""
         self._flush_handle = None
@@ -434,7 +452,11 @@ class Hub:
         texts = [
             text
             for _, chunk_texts, chunk_skips in chunks
-            for text in _texts_for(member.channel_name, chunk_texts, chunk_skips)
+            for text in (
+                chunk_texts
+                if chunk_skips is None
+                else _texts_for(member.channel_name, chunk_texts, chunk_skips)
+            )
         ]
         task = asyncio.ensure_future(self._send_texts(member, texts))
         self._sending[member] = task

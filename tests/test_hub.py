@@ -136,6 +136,65 @@ async def test_what_waits_for_a_socket_is_written_before_anything_sent_after_it(
     assert ann.writes == [frame_of({"n": 1}), b"reply"]
 
 
+async def test_replies_and_broadcasts_to_a_socket_go_out_in_one_write_in_their_order():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7)
+
+    await hub.broadcast(7, {"n": 1})
+    assert hub.reply(ann, protocol.encode({"reply": True}))
+    await hub.broadcast(7, {"n": 2})
+    await next_turn()
+
+    assert ann.writes == [frame_of({"n": 1}) + frame_of({"reply": True}) + frame_of({"n": 2})]
+
+
+class Closing:
+    """A socket being closed, with no nick or room: the hub cannot write to it directly, so
+    what waits for it goes through the server's own send, which waits for `gate`."""
+
+    backlog = None
+    abort = None
+    dropped = False
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.gate = asyncio.Event()
+
+    def write_frame(self, data: bytes) -> bool:
+        return False
+
+    async def base_send(self, message: dict[str, Any]) -> None:
+        await self.gate.wait()
+        self.sent.append(message["text"])
+
+
+async def test_replies_the_hub_cannot_write_go_through_the_server_in_order():
+    sock = Closing()
+    sock.gate.set()
+    hub = Hub(InMemoryChannelLayer())
+
+    assert hub.reply(sock, "one")
+    assert hub.reply(sock, "two")
+    await next_turn()
+    await hub.flush_to(sock)
+
+    assert sock.sent == ["one", "two"]
+
+
+async def test_no_reply_is_queued_behind_a_send_still_in_flight():
+    sock = Closing()
+    hub = Hub(InMemoryChannelLayer())
+    assert hub.reply(sock, "one")
+    await next_turn()  # the outbox is flushed; the server's send of "one" is still waiting
+
+    # The caller sends this one itself, after flush_to has waited for "one".
+    assert hub.reply(sock, "two") is False
+    sock.gate.set()
+    await hub.flush_to(sock)
+
+    assert sock.sent == ["one"]
+
+
 class Seated(Writer):
     """A connection the heartbeat may judge: it records what is sent to it directly."""
 
