@@ -60,6 +60,13 @@ def test_presence_disconnect_of_an_unknown_connection_returns_none():
     assert services.presence_disconnect(channel_name="nobody") is None
 
 
+def test_presence_disconnect_records_when_a_chosen_nick_was_last_seen():
+    named("c1", "alice")
+    Nickname.objects.filter(key="alice").update(last_seen=timezone.now() - timedelta(days=1))
+    services.presence_disconnect(channel_name="c1")
+    assert timezone.now() - Nickname.objects.get(key="alice").last_seen < timedelta(minutes=1)
+
+
 def test_presence_disconnect_frees_the_nick():
     named("c1", "alice")
     services.presence_disconnect(channel_name="c1")
@@ -167,6 +174,19 @@ def test_room_join_moves_the_presence_and_creates_the_room():
     room = Room.objects.get(name="数学")
     assert new == services.Seat(nick="alice", room_id=room.pk, room_name="数学")
     assert Presence.objects.get(channel_name="c1").room_id == room.pk
+
+
+def test_room_join_into_an_existing_room_and_back():
+    seat = named("c1", "alice")
+    named("c2", "bob")
+    services.room_join(channel_name="c2", room_name="math")
+    math = Room.objects.get(name="math")
+
+    old, new = services.room_join(channel_name="c1", room_name="math")
+    assert (old, new) == (seat, services.Seat(nick="alice", room_id=math.pk, room_name="math"))
+    back = services.room_join(channel_name="c1", room_name="Default")
+    assert back == (new, seat)
+    assert Room.objects.count() == 2
 
 
 def test_room_join_of_the_current_room_raises_already_in_room():
