@@ -33,7 +33,7 @@ def patch_autobahn_debug_args() -> None:
 
     Each connection made passes `pformat(...)` of its ~30 settings to a debug log call; the
     call is a no-op unless debug logging is on, but the argument is built regardless: about
-    0.2 ms per connection, a tenth of daphne's whole cost of accepting one. The text is now
+    0.2 ms per connection, some 5% of what daphne spends accepting one. The text is now
     formatted only if the log line is actually written.
     """
     module = sys.modules.get("autobahn.websocket.protocol")
