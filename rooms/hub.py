@@ -158,7 +158,8 @@ class Hub:
         self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
-        # Frames waiting for the end of this turn of the event loop, by socket (`_deliver`).
+        # Frames waiting for the end of this turn of the event loop, by socket (`_deliver`,
+        # `reply`).
         self._outbox: dict[Member, list[Chunk]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._sending: dict[Member, asyncio.Future[None]] = {}
@@ -223,6 +224,8 @@ class Hub:
         log.info("shutting down: closing %d sockets with %d", len(sockets), code)
         for sock in sockets:
             try:
+                # What the flush handed to the server's own send goes out before the close.
+                await self.flush_to(sock)
                 await sock.base_send({"type": "websocket.close", "code": code})
             except Exception:
                 log.debug("close failed", exc_info=True)
@@ -421,7 +424,8 @@ class Hub:
 
     def reply(self, member: Member, text: str) -> bool:
         """Queue one text for one socket, behind what already waits for it in the outbox;
-        False where the hub does not write to that socket itself.
+        False where the hub does not write to that socket itself, or a send of the server's
+        to it is still in flight (the caller then sends after `flush_to`).
 
         A reply and the broadcasts around it then go out in one write at the end of this
         turn of the event loop, framed here rather than by the server.
@@ -483,7 +487,9 @@ class Hub:
                 await member.base_send({"type": "websocket.send", "text": text})
             except Exception:
                 # A socket that closed under us; its own disconnect cleans up.
-                log.debug("send to %s failed", member.channel_name, exc_info=True)
+                log.debug(
+                    "send to %s failed", getattr(member, "channel_name", "a socket"), exc_info=True
+                )
                 return
 
     def drop_slow(self, sock: Socket) -> None:

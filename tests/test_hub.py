@@ -181,6 +181,25 @@ async def test_replies_the_hub_cannot_write_go_through_the_server_in_order():
     assert sock.sent == ["one", "two"]
 
 
+class Gone(Closing):
+    """A socket with no nick (an /echo socket, or one not seated yet) whose server-side send
+    fails: it closed under us."""
+
+    async def base_send(self, message: dict[str, Any]) -> None:
+        raise OSError("connection closed")
+
+
+async def test_a_reply_to_a_socket_that_closed_under_us_is_dropped_quietly():
+    sock = Gone()
+    hub = Hub(InMemoryChannelLayer())
+
+    assert hub.reply(sock, "one")
+    await next_turn()
+    await hub.flush_to(sock)  # must not raise: its own disconnect cleans up
+
+    assert sock.sent == []
+
+
 async def test_no_reply_is_queued_behind_a_send_still_in_flight():
     sock = Closing()
     hub = Hub(InMemoryChannelLayer())
