@@ -1,4 +1,4 @@
-"""Everything that changes chat state. One transaction each; called from async code through
+"""Everything that changes chat state, each change atomic; called from async code through
 `database_sync_to_async`, and from the admin and management commands directly.
 
 What every connection does (connect, rename, switch rooms, disconnect) is written in SQL: it runs
@@ -116,7 +116,10 @@ def _sql(vendor: str) -> dict[str, str]:
             f" FROM {presence} p JOIN {room} r ON r.id = p.room_id WHERE p.channel_name = %s),"
             f" new AS (SELECT id FROM {room} WHERE name = %s)"
             f" UPDATE {presence} p SET room_id = new.id, joined_at = {now}"
+            # A row changed since `old` read it (unlocked) matches nothing: the locked
+            # transaction below decides then.
             " FROM old, new, relaxed WHERE p.channel_name = %s AND new.id <> old.room_id"
+            " AND p.room_id = old.room_id AND p.nick = old.nick"
             " RETURNING old.nick, old.room_id, old.name, new.id",
             "unseat_now": f"WITH {relaxed}, gone AS (DELETE FROM {presence}"
             " WHERE channel_name = %s RETURNING nick, nick_key, room_id, process),"

@@ -4,7 +4,8 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from rooms import selectors, services
@@ -71,6 +72,47 @@ def test_presence_disconnect_frees_the_nick():
     named("c1", "alice")
     services.presence_disconnect(channel_name="c1")
     assert named("c2", "Alice").nick == "Alice"
+
+
+on_postgres = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="one-statement forms exist on PostgreSQL only (tests/e2e/test_postgres_services.py)",
+)
+
+
+@on_postgres
+def test_on_postgres_connect_room_switch_and_disconnect_are_one_statement_each():
+    connect("c0")  # the Default room exists from here on
+    Room.objects.create(name="math")
+    with CaptureQueriesContext(connection) as queries:
+        seat = connect("c1")
+    assert len(queries) == 1
+    with CaptureQueriesContext(connection) as queries:
+        old, new = services.room_join(channel_name="c1", room_name="math")
+    assert len(queries) == 1
+    assert (old, new.room_name) == (seat, "math")
+    with CaptureQueriesContext(connection) as queries:
+        gone = services.presence_disconnect(channel_name="c1")
+    assert len(queries) == 1
+    assert gone == services.Departure(
+        nick=seat.nick, room_id=new.room_id, room_name="math", process="proc-a"
+    )
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_on_postgres_relaxed_commits_leave_the_session_setting_alone():
+    def durability() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    before = durability()
+    connect("c1")
+    services.room_join(channel_name="c1", room_name="math")
+    services.room_join(channel_name="c1", room_name="Default")
+    services.presence_disconnect(channel_name="c1")
+    assert durability() == before == "on"
 
 
 # --- nicks ----------------------------------------------------------------------------------
