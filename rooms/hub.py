@@ -737,7 +737,13 @@ def _close_on_signals(hub: Hub) -> None:
         return handler
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, wrap(signum, signal.getsignal(signum)))
+        previous = signal.getsignal(signum)
+        if previous == signal.SIG_IGN:
+            # Ignored by whoever started us (a shell starts background jobs with SIGINT
+            # ignored; nohup ignores SIGHUP): taking it would shut the hub down and leave the
+            # server running, closing every new socket at once.
+            continue
+        signal.signal(signum, wrap(signum, previous))
 
 
 def _worker_name(scope: dict[str, Any] | None) -> str:

@@ -3,6 +3,7 @@ room in one write, in order, without the sender's own message."""
 
 import asyncio
 import json
+import signal
 from typing import Any
 
 import pytest
@@ -259,3 +260,18 @@ async def reconcile_while_a_newcomer_arrives(hub: Hub, monkeypatch) -> None:
 
     assert newcomer.direct == []
     assert hub.members == {newcomer.channel_name: newcomer}
+
+
+async def test_a_signal_ignored_when_the_server_started_stays_ignored(monkeypatch):
+    # A shell starts background jobs with SIGINT ignored. Taking it anyway shut the hub down
+    # on ^C-style signals while the server went on running, closing every new socket at once.
+    from rooms import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_signals_taken", False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    hub_module._close_on_signals(Hub(InMemoryChannelLayer()))
+
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
