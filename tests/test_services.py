@@ -529,3 +529,23 @@ def test_messages_create_without_the_presence_check_stores_every_post():
     stored = services.messages_create(posts=posts, check_presence=False)
     assert [message.text for message in stored] == ["one", "two"]
     assert Message.objects.count() == 2
+
+
+def test_messages_create_of_a_batch_larger_than_one_statement_keeps_every_post_in_order():
+    seats = [connect(f"c{i}") for i in range(450)]
+    posts = [
+        services.Post(
+            channel_name=f"c{i}" if i % 7 else f"gone{i}",
+            room_id=seats[i].room_id,
+            room_name="Default",
+            author=seats[i].nick,
+            text=f"post {i}",
+        )
+        for i in range(450)
+    ]
+    stored = services.messages_create(posts=posts)
+    kept = [(post, message) for post, message in zip(posts, stored, strict=True) if message]
+    assert [message is None for message in stored] == [i % 7 == 0 for i in range(450)]
+    rows = dict(Message.objects.values_list("pk", "text"))
+    assert [rows[message.pk] for _, message in kept] == [post.text for post, _ in kept]
+    assert len({message.created_at for _, message in kept}) == 1
