@@ -1,6 +1,5 @@
 """ASGI entry point: `daphne chatsite.asgi:application` (or uvicorn)."""
 
-import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -30,9 +29,3 @@ application = ProtocolTypeRouter(
     }
 )
 start_with_server()
-
-# What is loaded by now (Django, the app, every module) lives as long as the process. Left to the
-# collector, each full collection walks it again: 60-75 ms with the event loop stopped, on a
-# 2-core machine under load, which set the p99 latency of whole benchmark runs. Frozen, it is
-# never scanned; what connections allocate later is collected as usual.
-gc.freeze()

@@ -331,6 +331,8 @@ def messages_create(*, posts: list[Post], check_presence: bool = True) -> list[M
             cursor.execute(f"{sql['post']} {values} RETURNING id", params)
             # Rows come back in the order of VALUES, as Django's bulk_create also relies on.
             ids.extend(row[0] for row in cursor.fetchall())
+    if len(ids) != len(kept):
+        raise RuntimeError(f"the database returned {len(ids)} ids for {len(kept)} messages")
     pks = iter(ids)
     return [
         _stored(post, next(pks), now) if post.channel_name in present else None for post in posts

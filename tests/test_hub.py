@@ -2,6 +2,7 @@
 room in one write, in order, without the sender's own message."""
 
 import asyncio
+import gc
 import json
 import signal
 from typing import Any
@@ -275,3 +276,36 @@ async def test_a_signal_ignored_when_the_server_started_stays_ignored(monkeypatc
 
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+
+
+async def test_starting_with_the_server_takes_what_it_loaded_out_of_the_collectors_way(
+    monkeypatch, settings
+):
+    from rooms import hub as hub_module
+
+    async def started(hub: Hub) -> None:
+        """Stands in for the hub's start: this test is about what happens before it."""
+
+    monkeypatch.setattr(hub_module, "_start_until_started", started)
+    settings.CHAT_HUB_AT_STARTUP = True
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    gc.unfreeze()
+    try:
+        await hub_module.lifespan({"type": "lifespan"}, receive, send)
+        # Django, the app and their modules: tens of thousands of objects a full collection
+        # would otherwise walk with the event loop stopped.
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]

@@ -1,7 +1,6 @@
 """The adapters to the ASGI servers: shared frames, close classification, backlog gauges."""
 
 import functools
-import gc
 import socket
 from pprint import pformat
 
@@ -181,11 +180,3 @@ def test_send_now_leaves_tls_closing_and_busy_connections_to_twisted(socket_pair
     assert transport.written == [b"frame"]
     with pytest.raises(BlockingIOError):
         peer.recv(100)
-
-
-def test_loading_the_app_takes_what_it_loaded_out_of_the_collectors_way():
-    import chatsite.asgi  # noqa: F401  (loading it is what freezes)
-
-    # Django, the app and their modules: tens of thousands of objects a full collection
-    # would otherwise walk with the event loop stopped.
-    assert gc.get_freeze_count() > 10_000

@@ -89,6 +89,10 @@ def server_env(database_url: str, extra: Mapping[str, str] | None = None) -> dic
     return env
 
 
+def _default_interrupt() -> None:
+    signals.signal(signals.SIGINT, signals.SIG_DFL)
+
+
 class ServerProcess:
     """One daphne or uvicorn process serving chatsite.asgi:application on 127.0.0.1.
 
@@ -197,6 +201,9 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: killpg reaches everything
+                # As in a terminal, whatever this test run inherited (a run started in the
+                # background has SIGINT ignored, and so would every server it starts).
+                preexec_fn=_default_interrupt,
             )
         try:
             self.wait_ready()
