@@ -401,7 +401,6 @@ class Hub:
         frames = [serving.text_frame(text.encode()) for text in texts]
         everything = b"".join(frames)
         skipped = set(skips)
-        outbox = self._outbox
         for member in tuple(local.values()):
             channel_name = member.channel_name
             backlog = member.backlog
@@ -416,12 +415,7 @@ class Hub:
                 data = b"".join(_texts_for(channel_name, frames, skips))
                 if not data:
                     continue
-            chunks = outbox.get(member)
-            if chunks is None:
-                outbox[member] = chunks = []
-            chunks.append((data, texts, skips))
-        if outbox and self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            self._queue(member, (data, texts, skips))
 
     def reply(self, member: Member, text: str) -> bool:
         """Queue one text for one socket, behind what already waits for it in the outbox;
@@ -433,13 +427,17 @@ class Hub:
         """
         if member.write_frame is None or member in self._sending:
             return False
+        self._queue(member, (serving.text_frame(text.encode()), [text], None))
+        return True
+
+    def _queue(self, member: Member, chunk: Chunk) -> None:
+        """Put frames for one socket in the outbox, to go out at the end of this turn."""
         chunks = self._outbox.get(member)
         if chunks is None:
             self._outbox[member] = chunks = []
-        chunks.append((serving.text_frame(text.encode()), [text], None))
+        chunks.append(chunk)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def _flush(self) -> None:
         """Write what the outbox holds: one write per socket."""
