@@ -93,13 +93,15 @@ def backlog_gauge(send: Any, limit: int) -> Callable[[], int] | None:
         return transport.get_write_buffer_size
     twisted_transport = getattr(_daphne_protocol(send), "transport", None)
     if twisted_transport is not None and hasattr(twisted_transport, "_tempDataLen"):
-        # daphne: Twisted never blocks a write and keeps what it could not send in these.
-        return lambda: (
-            len(twisted_transport.dataBuffer)
-            - twisted_transport.offset
-            + twisted_transport._tempDataLen
-        )
+        # daphne: Twisted never blocks a write and keeps what it could not send itself.
+        return lambda: _twisted_unsent(twisted_transport)
     return None
+
+
+def _twisted_unsent(transport: Any) -> int:
+    """Bytes a Twisted transport holds that the socket has not taken yet: the rest of the
+    buffer it is sending, and what was written since."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -195,8 +197,7 @@ def _send_now(transport: Any, frame: bytes) -> None:
         or not transport.connected
         or transport.disconnecting
         or transport._writeDisconnecting
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
+        or _twisted_unsent(transport)
     ):
         transport.write(frame)
         return
