@@ -188,10 +188,14 @@ def _one_statement() -> bool:
     return connection.vendor == "postgresql"
 
 
+def _random_nick() -> str:
+    return f"User{secrets.randbelow(1_000_000)}"
+
+
 def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
     """Seat a new connection in the default room under a random free nick `User<n>`."""
     if _one_statement():
-        nick = f"User{secrets.randbelow(1_000_000)}"
+        nick = _random_nick()
         with connection.cursor() as cursor:
             seat = [channel_name, process, worker, nick, name_key(nick), DEFAULT_ROOM]
             _execute(cursor, "seat_now", seat)
@@ -207,7 +211,7 @@ def _seat(*, channel_name: str, process: str, worker: str) -> Seat:
     with connection.cursor() as cursor:
         _relaxed_commit(cursor)
         for _attempt in range(100):
-            nick = f"User{secrets.randbelow(1_000_000)}"
+            nick = _random_nick()
             seat = [channel_name, process, worker, nick, name_key(nick), room_id, *_entered()]
             _execute(cursor, "seat", seat)
             if cursor.rowcount == 1:
