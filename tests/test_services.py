@@ -488,24 +488,20 @@ def test_key_columns_fit_the_key_of_any_valid_nick(nick):
     assert len(key) <= Nickname._meta.get_field("key").max_length
 
 
+def post_in(seat: services.Seat, channel_name: str, author: str, text: str) -> services.Post:
+    """A post to the room of `seat`, from whichever connection is named."""
+    return services.Post(
+        channel_name=channel_name,
+        room_id=seat.room_id,
+        room_name=seat.room_name,
+        author=author,
+        text=text,
+    )
+
+
 def test_messages_create_skips_posts_of_swept_connections():
     seat = connect("c1")
-    posts = [
-        services.Post(
-            channel_name="c1",
-            room_id=seat.room_id,
-            room_name="Default",
-            author=seat.nick,
-            text="kept",
-        ),
-        services.Post(
-            channel_name="gone",
-            room_id=seat.room_id,
-            room_name="Default",
-            author="ghost",
-            text="lost",
-        ),
-    ]
+    posts = [post_in(seat, "c1", seat.nick, "kept"), post_in(seat, "gone", "ghost", "lost")]
     kept, lost = services.messages_create(posts=posts)
     assert lost is None
     assert kept is not None and kept.pk is not None
@@ -514,18 +510,7 @@ def test_messages_create_skips_posts_of_swept_connections():
 
 def test_messages_create_without_the_presence_check_stores_every_post():
     seat = connect("c1")
-    posts = [
-        services.Post(
-            channel_name="c1",
-            room_id=seat.room_id,
-            room_name="Default",
-            author=seat.nick,
-            text="one",
-        ),
-        services.Post(
-            channel_name="c2", room_id=seat.room_id, room_name="Default", author="other", text="two"
-        ),
-    ]
+    posts = [post_in(seat, "c1", seat.nick, "one"), post_in(seat, "c2", "other", "two")]
     stored = services.messages_create(posts=posts, check_presence=False)
     assert [message.text for message in stored] == ["one", "two"]
     assert Message.objects.count() == 2
@@ -534,13 +519,7 @@ def test_messages_create_without_the_presence_check_stores_every_post():
 def test_messages_create_of_a_batch_larger_than_one_statement_keeps_every_post_in_order():
     seats = [connect(f"c{i}") for i in range(450)]
     posts = [
-        services.Post(
-            channel_name=f"c{i}" if i % 7 else f"gone{i}",
-            room_id=seats[i].room_id,
-            room_name="Default",
-            author=seats[i].nick,
-            text=f"post {i}",
-        )
+        post_in(seats[i], f"c{i}" if i % 7 else f"gone{i}", seats[i].nick, f"post {i}")
         for i in range(450)
     ]
     stored = services.messages_create(posts=posts)
