@@ -408,7 +408,9 @@ class Hub:
                 self.drop_slow(member)
                 continue
             if member.write_frame is None:
-                await self._send_texts(member, _texts_for(channel_name, texts, skips))
+                texts_here = _texts_for(channel_name, texts, skips)
+                if texts_here:
+                    self._send_later(member, texts_here)
                 continue
             data = everything
             if channel_name in skipped:
@@ -461,7 +463,18 @@ class Hub:
                 else _texts_for(member.channel_name, chunk_texts, chunk_skips)
             )
         ]
-        task = asyncio.ensure_future(self._send_texts(member, texts))
+        self._send_later(member, texts)
+
+    def _send_later(self, member: Member, texts: list[str]) -> None:
+        """Send texts to one socket through the server's own send, after what is already on
+        its way there, without the caller waiting.
+
+        That send may wait (uvicorn's waits while the socket's buffer is over its high-water
+        mark): waiting for it here would hold up the rest of the room, and every room behind
+        it, for one reader that does not read.
+        """
+        previous = self._sending.get(member)
+        task = asyncio.ensure_future(self._send_texts(member, texts, after=previous))
         self._sending[member] = task
 
         def sent(_: object) -> None:
@@ -480,7 +493,11 @@ class Hub:
         if sending is not None:
             await asyncio.shield(sending)
 
-    async def _send_texts(self, member: Member, texts: list[str]) -> None:
+    async def _send_texts(
+        self, member: Member, texts: list[str], after: "asyncio.Future[None] | None" = None
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])
         for text in texts:
             try:
                 await member.base_send({"type": "websocket.send", "text": text})

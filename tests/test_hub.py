@@ -216,6 +216,34 @@ async def test_no_reply_is_queued_behind_a_send_still_in_flight():
     assert sock.sent == ["one"]
 
 
+class Compressing(Closing):
+    """A connection that negotiated compression: each frame to it is compressed for it alone,
+    so everything goes through the server's send, which waits for `gate` (as uvicorn's waits
+    while the socket's buffer is over its high-water mark)."""
+
+    write_frame = None
+
+    def __init__(self, channel_name: str) -> None:
+        super().__init__()
+        self.channel_name = channel_name
+
+
+async def test_a_send_that_waits_holds_up_neither_the_room_nor_that_sockets_order():
+    stuck, ann = Compressing("stuck"), Writer("ann")
+    hub = await hub_with(stuck, ann, room_id=7)
+
+    # A guard, not a pause: a broadcast that waited for the stuck socket would never return.
+    await asyncio.wait_for(hub.broadcast(7, {"n": 1}), timeout=5)
+    await asyncio.wait_for(hub.broadcast(7, {"n": 2}), timeout=5)
+    await next_turn()
+
+    assert b"".join(ann.writes) == frame_of({"n": 1}) + frame_of({"n": 2})
+    assert stuck.sent == []
+    stuck.gate.set()
+    await hub.flush_to(stuck)
+    assert stuck.sent == [protocol.encode({"n": 1}), protocol.encode({"n": 2})]
+
+
 class Seated(Writer):
     """A connection the heartbeat may judge: it records what is sent to it directly."""
 
