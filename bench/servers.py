@@ -165,6 +165,8 @@ class Deployment:
             str(port),
             "--ws",
             "websockets-sansio",
+            "--ws-per-message-deflate",
+            "false",
             "--no-access-log",
             "--log-level",
             "warning",

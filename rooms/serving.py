@@ -1,12 +1,16 @@
 """Adjustments to the ASGI servers the chat runs under, applied when the app is loaded."""
 
 import functools
+import logging
 import struct
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from rooms.protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS
+
+log = logging.getLogger(__name__)
+_compression_reported = False
 
 
 def patch_daphne_close_codes() -> None:
@@ -146,6 +150,7 @@ def _uvicorn_writer(protocol: Any) -> Callable[[bytes], bool] | None:
 
     connection = protocol.conn
     if connection.extensions:
+        _report_compression(connection.extensions)
         return None
     transport = protocol.transport
     opened = State.OPEN
@@ -157,6 +162,20 @@ def _uvicorn_writer(protocol: Any) -> Callable[[bytes], bool] | None:
         return True
 
     return write
+
+
+def _report_compression(extensions: list[Any]) -> None:
+    """Say once per process that uvicorn compresses, and what it costs."""
+    global _compression_reported
+    if _compression_reported:
+        return
+    _compression_reported = True
+    log.warning(
+        "a connection negotiated %s: each such connection holds its own compressor (about "
+        "100 KB) and every broadcast is compressed once per recipient; run uvicorn with "
+        "--ws-per-message-deflate false (bin/serve does) to share one frame among recipients",
+        ", ".join(getattr(extension, "name", type(extension).__name__) for extension in extensions),
+    )
 
 
 def _daphne_writer(protocol: Any) -> Callable[[bytes], bool] | None:

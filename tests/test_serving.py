@@ -85,6 +85,33 @@ def test_unknown_servers_get_the_plain_asgi_path():
     assert frame_writer(functools.partial(unknown_send)) is None
 
 
+class WebSocketsSansIOProtocol:
+    """Stands in for uvicorn's websockets-sansio protocol, with `extensions` negotiated."""
+
+    def __init__(self, extensions):
+        self.conn = type("Connection", (), {"extensions": extensions})()
+        self.transport = None
+
+    async def send(self, message):
+        """uvicorn's bound ASGI send."""
+
+
+class PerMessageDeflate:
+    name = "permessage-deflate"
+
+
+def test_a_compressing_uvicorn_connection_gets_the_plain_path_and_operators_are_told_once(
+    caplog, monkeypatch
+):
+    monkeypatch.setattr("rooms.serving._compression_reported", False)
+    with caplog.at_level("WARNING", logger="rooms.serving"):
+        assert frame_writer(WebSocketsSansIOProtocol([PerMessageDeflate()]).send) is None
+        assert frame_writer(WebSocketsSansIOProtocol([PerMessageDeflate()]).send) is None
+    [record] = caplog.records
+    assert "negotiated permessage-deflate" in record.getMessage()
+    assert "--ws-per-message-deflate false" in record.getMessage()
+
+
 def test_autobahn_formats_its_debug_arguments_only_when_they_are_written():
     patch_autobahn_debug_args()
     patch_autobahn_debug_args()  # idempotent: the app may be loaded twice

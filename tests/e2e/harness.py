@@ -65,6 +65,9 @@ def server_command(kind: str, port: int, extra_args: Sequence[str] = ()) -> list
             str(port),
             "--ws",
             "websockets-sansio",
+            # As bin/serve runs it; a test that wants compression passes `true` after this.
+            "--ws-per-message-deflate",
+            "false",
             "--lifespan",
             "on",
             *extra_args,
