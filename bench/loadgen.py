@@ -475,9 +475,10 @@ async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[s
                 hi = rate if hi is None else min(hi, rate)
                 await settle(bench, 0.3, p["drain_s"])  # let a backlog clear first
             if hi is None:
-                rate *= p["factor"]
-                if rate > p["max_rate"]:
+                if rate >= p["max_rate"]:
                     break
+                # The last step is the ceiling itself, so a run that never fails has tried it.
+                rate = min(rate * p["factor"], p["max_rate"])
             elif lo is None:
                 rate /= p["factor"]
                 if rate < p["min_rate"]:
