@@ -49,6 +49,19 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
     abort: Callable[[], None] | None = None
     dropped = False
 
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # channels' loop (await_many_dispatch) wraps every receive in a new task and an
+        # asyncio.wait, so that it can listen to a layer mailbox too; there is none here, and
+        # reading the socket directly saves both on every frame.
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
         # frame. Every database call here goes through database_sync_to_async, which closes
