@@ -2,6 +2,7 @@
 selector, reply, and fan out through the hub."""
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -87,14 +88,25 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         return protocol.encode(content)
 
     async def send_body(self, body: dict[str, Any]) -> None:
+        text = self.reply_now(body)
+        if text is not None:
+            await self.send_after_queued(text)
+
+    def reply_now(self, body: dict[str, Any]) -> str | None:
+        """Queue a reply with the hub, without waiting; the encoded text where the caller must
+        send it itself (`send_after_queued`), None where nothing is left to do."""
         # A client that sends but never reads its replies is a slow reader too: under uvicorn
         # this send would block on flow control, under daphne the replies would pile up.
         if self.backlog is not None and self.backlog() > self.hub.backlog_limit:
             self.hub.drop_slow(self)
-            return
+            return None
         text = protocol.encode(body)
         if self.hub.reply(self, text):
-            return
+            return None
+        return text
+
+    async def send_after_queued(self, text: str) -> None:
+        """Send through the server, after what the hub holds for this socket."""
         await self.hub.flush_to(self)
         await self.base_send({"type": "websocket.send", "text": text})
 
@@ -186,10 +198,16 @@ class ChatConsumer(FrameGuard):
     """/chat: rooms and nicknames, as described in docs/protocol.md."""
 
     seat: services.Seat | None = None
-    _posts: list["asyncio.Task[None]"]
+    # Posts waiting for their commit, in the order they came, with their texts; the head is
+    # answered first (`_answer_posts`).
+    _posts: collections.deque[tuple[str, "asyncio.Future[Message]"]]
+    # An answer that could not be queued at once, and is being sent; later ones wait for it.
+    _answering: "asyncio.Task[None] | None" = None
+    _posts_moved: asyncio.Event
 
     async def opened(self) -> None:
-        self._posts = []
+        self._posts = collections.deque()
+        self._posts_moved = asyncio.Event()
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
@@ -348,7 +366,7 @@ class ChatConsumer(FrameGuard):
         seat = self.seat
         while len(self._posts) >= MAX_POSTS_IN_FLIGHT:
             # Stop reading this socket until its oldest post is through.
-            await asyncio.wait({self._posts[0]})
+            await self._post_answered()
         # The hub broadcasts the message once it is stored; this socket goes on reading
         # meanwhile, so a client's next post does not wait for this one's commit.
         stored = self.hub.writer.submit(
@@ -360,35 +378,54 @@ class ChatConsumer(FrameGuard):
                 text=text,
             )
         )
-        previous = self._posts[-1] if self._posts else None
-        task = asyncio.ensure_future(self._acknowledge(text, stored, previous))
-        self._posts.append(task)
-        task.add_done_callback(self._posts.remove)
+        self._posts.append((text, stored))
+        stored.add_done_callback(self._answer_posts)
 
-    async def _acknowledge(
-        self, text: str, stored: "asyncio.Future[Message]", previous: "asyncio.Task[None] | None"
-    ) -> None:
-        """Answer one post once it is stored, after the answers to the posts before it."""
-        refused: Exception | None = None
-        try:
-            message = await stored
-        except Exception as error:
-            refused = error
-        if previous is not None:
-            await asyncio.wait({previous})
-        try:
+    def _answer_posts(self, _: object = None) -> None:
+        """Answer the posts at the head of the queue whose commit is through, in order.
+
+        A callback rather than a task per post: under load this runs for every message, and
+        a task plus an asyncio.wait for the post before it cost more than the answer itself.
+        """
+        posts = self._posts
+        while self._answering is None and posts and posts[0][1].done():
+            text, stored = posts.popleft()
+            self._posts_moved.set()
+            if stored.cancelled():
+                continue
+            refused = stored.exception()
             if refused is not None:
-                await self._refuse("chat_message", refused)
-            else:
-                ts = protocol.timestamp(message.created_at)
-                await self.send_body(protocol.chat_ack(text, message.pk, ts))
-        except Exception:
-            # The client left before its answer: its disconnect cleans up.
-            log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
+                self._answer_later(self._refuse("chat_message", refused))
+                return
+            message = stored.result()
+            ts = protocol.timestamp(message.created_at)
+            unsent = self.reply_now(protocol.chat_ack(text, message.pk, ts))
+            if unsent is not None:
+                self._answer_later(self.send_after_queued(unsent))
+                return
+
+    def _answer_later(self, answer: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await answer
+            except Exception:
+                # The client left before its answer: its disconnect cleans up.
+                log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
+            finally:
+                self._answering = None
+                self._posts_moved.set()
+            self._answer_posts()
+
+        self._answering = asyncio.ensure_future(run())
+
+    async def _post_answered(self) -> None:
+        self._posts_moved.clear()
+        await self._posts_moved.wait()
 
     async def answered(self) -> None:
-        if self._posts:
-            await asyncio.wait(list(self._posts))
+        """Return once every post received so far has been answered."""
+        while self._posts or self._answering is not None:
+            await self._post_answered()
 
     async def user_list(self, body: dict[str, Any]) -> None:
         assert self.seat is not None

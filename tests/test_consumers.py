@@ -950,6 +950,38 @@ async def test_a_refused_post_is_answered_after_the_posts_before_it(connect_chat
     ]
 
 
+async def test_posts_after_a_batch_the_database_refused_are_answered_in_order(
+    connect_chat, monkeypatch
+):
+    from django.db import OperationalError
+
+    store = services.messages_create
+    calls = 0
+
+    def first_batch_fails(**kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OperationalError("database is down")
+        return store(**kwargs)
+
+    monkeypatch.setattr(services, "messages_create", first_batch_fails)
+    client = await connect_chat()
+    texts = [f"m{i}" for i in range(6)]
+    for text in texts:
+        await client.send({"action": "chat_message", "message": text})
+    replies = [await client.recv() for _ in texts]
+
+    # However many posts the refused batch held, they are answered first, in order, and
+    # every later post is acknowledged after them, in order.
+    refused = [r for r in replies if not r["success"]]
+    assert refused and replies[: len(refused)] == refused
+    assert {r["message"] for r in refused} == {protocol.UNAVAILABLE}
+    assert [r["message"] for r in replies[len(refused) :]] == texts[len(refused) :]
+    assert [text for _, _, text in await stored_messages()] == texts[len(refused) :]
+    await client.assert_nothing()
+
+
 async def test_posts_sent_just_before_closing_are_heard_before_the_sender_leaves(connect_chat):
     a, b = await pair(connect_chat)
     for text in ("last", "words"):
