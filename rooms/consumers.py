@@ -62,6 +62,17 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
+        except asyncio.CancelledError:
+            # The server gave up waiting for this consumer (daphne cancels it some seconds
+            # after its socket closed) before the disconnect was handled.
+            self.abandoned()
+            raise
+
+    def abandoned(self) -> None:
+        """Forget a socket whose disconnect will never be handled."""
+        hub = getattr(self, "hub", None)
+        if hub is not None:
+            hub.close_socket(self)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
@@ -243,6 +254,19 @@ class ChatConsumer(FrameGuard):
             if address is not None:
                 self.hub.release(address)
 
+    def abandoned(self) -> None:
+        super().abandoned()
+        seat = self.seat
+        if seat is None:
+            return
+        # As when _unseat itself is cancelled: the heartbeat takes the seat back and tells
+        # the room, so that the nick is not held until the process restarts.
+        self.seat = None
+        self.hub.detach(self)
+        self.hub.leave(self, seat.room_id)
+        self.hub.orphan(self.channel_name, shame=False)
+        self.hub.release(self.channel_name)
+
     async def _unseat(self, code: int | None) -> None:
         seat = self.seat
         if seat is None:
@@ -397,9 +421,15 @@ class ChatConsumer(FrameGuard):
             if refused is not None:
                 self._answer_later(self._refuse("chat_message", refused))
                 return
-            message = stored.result()
-            ts = protocol.timestamp(message.created_at)
-            unsent = self.reply_now(protocol.chat_ack(text, message.pk, ts))
+            try:
+                message = stored.result()
+                ts = protocol.timestamp(message.created_at)
+                unsent = self.reply_now(protocol.chat_ack(text, message.pk, ts))
+            except Exception as error:
+                # Raised in a callback, it would vanish into the loop's handler and leave
+                # the posts behind this one unanswered, and answered() waiting forever.
+                self._answer_later(self._refuse("chat_message", error))
+                return
             if unsent is not None:
                 self._answer_later(self.send_after_queued(unsent))
                 return
@@ -412,9 +442,10 @@ class ChatConsumer(FrameGuard):
                 # The client left before its answer: its disconnect cleans up.
                 log.debug("could not answer a post of %s", self.channel_name, exc_info=True)
             finally:
+                # Even when cancelled: the posts behind this one still need their answers.
                 self._answering = None
                 self._posts_moved.set()
-            self._answer_posts()
+                asyncio.get_running_loop().call_soon(self._answer_posts)
 
         self._answering = asyncio.ensure_future(run())
 

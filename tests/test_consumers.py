@@ -1091,6 +1091,27 @@ async def test_heartbeat_removes_rows_of_this_process_with_no_connection_silentl
     assert (await b.request({"action": "user_list"}))["users"] == [a.nick, b.nick]
 
 
+async def test_a_consumer_the_server_gives_up_on_leaves_its_seat_to_the_heartbeat(connect_chat):
+    """daphne cancels an application some seconds after its socket closed; if that lands
+    before the disconnect is handled, the seat must not be held until the process restarts."""
+    import asyncio
+
+    from rooms.hub import get_hub
+
+    a, b = await pair(connect_chat)
+    a.comm.future.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a.comm.future
+    a.closed = True
+    hub = get_hub()
+    assert [member.seat.nick for member in hub.members.values()] == [b.nick]
+
+    await hub.heartbeat()
+
+    assert await present_nicks() == {b.nick}
+    assert await b.recv() == {"action": "left", "room": "Default", "user": a.nick, "shame": False}
+
+
 async def test_heartbeat_keeps_the_row_of_a_connection_being_seated(connect_chat):
     from rooms.hub import get_hub
 
