@@ -223,13 +223,27 @@ class Hub:
         self._flush()
         sockets = list(self.sockets)
         log.info("shutting down: closing %d sockets with %d", len(sockets), code)
-        for sock in sockets:
+
+        async def close(sock: Socket) -> None:
             try:
                 # What the flush handed to the server's own send goes out before the close.
                 await self.flush_to(sock)
                 await sock.base_send({"type": "websocket.close", "code": code})
             except Exception:
                 log.debug("close failed", exc_info=True)
+
+        # All at once, and bounded: a send to a reader that stopped reading can wait for as
+        # long as it does not read, and must not hold up everyone else's close.
+        closing = {asyncio.ensure_future(close(sock)): sock for sock in sockets}
+        if closing:
+            _, stuck = await asyncio.wait(closing, timeout=grace)
+            for task in stuck:
+                task.cancel()
+                abort = getattr(closing[task], "abort", None)
+                if abort is not None:
+                    abort()
+            if stuck:
+                log.warning("dropped %d sockets that did not take their close", len(stuck))
         if self._started:
             # Posts already accepted are stored and heard before their authors' `left`.
             await self.writer.idle(timeout=grace)

@@ -244,6 +244,41 @@ async def test_a_send_that_waits_holds_up_neither_the_room_nor_that_sockets_orde
     assert stuck.sent == [protocol.encode({"n": 1}), protocol.encode({"n": 2})]
 
 
+class Closed:
+    """A socket that records what the server's own send is given; until `gate` is set its
+    send waits, as for a reader that stopped reading."""
+
+    dropped = False
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.gate = asyncio.Event()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    async def base_send(self, message: dict[str, Any]) -> None:
+        await self.gate.wait()
+        self.messages.append(message)
+
+
+async def test_shutdown_is_not_held_up_by_a_socket_that_never_takes_its_close():
+    hub = Hub(InMemoryChannelLayer())
+    stuck, fine = Closed(), Closed()
+    fine.gate.set()
+    hub.open_socket(stuck)
+    hub.open_socket(fine)
+
+    # A guard, not a pause: before, shutdown waited on the stuck socket for ever.
+    await asyncio.wait_for(hub.shutdown(grace=0.2), timeout=5)
+
+    assert fine.messages == [{"type": "websocket.close", "code": 1001}]
+    assert fine.aborted is False
+    assert stuck.messages == []
+    assert stuck.aborted is True
+
+
 class Seated(Writer):
     """A connection the heartbeat may judge: it records what is sent to it directly."""
 
