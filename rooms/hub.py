@@ -164,6 +164,9 @@ class Hub:
         self._outbox: dict[Member, list[Chunk]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._sending: dict[Member, asyncio.Future[None]] = {}
+        # Characters handed to a socket's chain of server sends and not yet taken by it: the
+        # backlog of a socket the hub cannot write to itself, seen from this side.
+        self._unsent: dict[Member, int] = {}
         # Addresses handed out and not yet released: connections seated or being seated.
         self._addresses: set[str] = set()
         self._undelivered: collections.deque[dict[str, Any]] = collections.deque(
@@ -418,7 +421,7 @@ class Hub:
         for member in tuple(local.values()):
             channel_name = member.channel_name
             backlog = member.backlog
-            if backlog is not None and backlog() > limit:
+            if (backlog is not None and backlog() > limit) or self._unsent.get(member, 0) > limit:
                 self.drop_slow(member)
                 continue
             if member.write_frame is None:
@@ -488,6 +491,7 @@ class Hub:
         it, for one reader that does not read.
         """
         previous = self._sending.get(member)
+        self._unsent[member] = self._unsent.get(member, 0) + sum(map(len, texts))
         task = asyncio.ensure_future(self._send_texts(member, texts, after=previous))
         self._sending[member] = task
 
@@ -510,17 +514,25 @@ class Hub:
     async def _send_texts(
         self, member: Member, texts: list[str], after: "asyncio.Future[None] | None" = None
     ) -> None:
-        if after is not None:
-            await asyncio.wait([after])
-        for text in texts:
-            try:
+        left = sum(map(len, texts))
+        try:
+            if after is not None:
+                await asyncio.wait([after])
+            for text in texts:
                 await member.base_send({"type": "websocket.send", "text": text})
-            except Exception:
-                # A socket that closed under us; its own disconnect cleans up.
-                log.debug(
-                    "send to %s failed", getattr(member, "channel_name", "a socket"), exc_info=True
-                )
-                return
+                left -= len(text)
+                self._unsent[member] = self._unsent.get(member, 0) - len(text)
+        except Exception:
+            # A socket that closed under us; its own disconnect cleans up.
+            log.debug(
+                "send to %s failed", getattr(member, "channel_name", "a socket"), exc_info=True
+            )
+        finally:
+            unsent = self._unsent.get(member, 0) - left
+            if unsent > 0:
+                self._unsent[member] = unsent
+            else:
+                self._unsent.pop(member, None)
 
     def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without

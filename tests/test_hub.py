@@ -244,6 +244,22 @@ async def test_a_send_that_waits_holds_up_neither_the_room_nor_that_sockets_orde
     assert stuck.sent == [protocol.encode({"n": 1}), protocol.encode({"n": 2})]
 
 
+async def test_a_socket_the_hub_cannot_gauge_is_dropped_once_its_unsent_texts_pass_the_limit():
+    stuck, ann = Compressing("stuck"), Writer("ann")
+    stuck.backlog = None  # a server whose buffer the hub cannot read
+    hub = await hub_with(stuck, ann, room_id=7)
+    hub.backlog_limit = 50
+
+    for n in range(10):
+        await hub.broadcast(7, {"n": n, "pad": "x" * 10})
+    await next_turn()
+
+    assert stuck.dropped is True
+    assert hub.slow_dropped == 1
+    assert "stuck" not in hub.rooms[7]
+    assert b"".join(ann.writes).count(b'"pad"') == 10
+
+
 class Closed:
     """A socket that records what the server's own send is given; until `gate` is set its
     send waits, as for a reader that stopped reading."""
