@@ -415,13 +415,16 @@ class Hub:
         if not local:
             return
         limit = self.backlog_limit
+        unsent = self._unsent
         frames = [serving.text_frame(text.encode()) for text in texts]
         everything = b"".join(frames)
         skipped = set(skips)
         for member in tuple(local.values()):
             channel_name = member.channel_name
             backlog = member.backlog
-            if (backlog is not None and backlog() > limit) or self._unsent.get(member, 0) > limit:
+            if (backlog is not None and backlog() > limit) or (
+                unsent and unsent.get(member, 0) > limit
+            ):
                 self.drop_slow(member)
                 continue
             if member.write_frame is None:
