@@ -167,6 +167,8 @@ class Deployment:
             "websockets-sansio",
             "--ws-per-message-deflate",
             "false",
+            "--lifespan",
+            "on",
             "--no-access-log",
             "--log-level",
             "warning",
