@@ -54,6 +54,10 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         # channels' loop (await_many_dispatch) wraps every receive in a new task and an
         # asyncio.wait, so that it can listen to a layer mailbox too; there is none here, and
         # reading the socket directly saves both on every frame.
+        if self.channel_layer_alias is not None:
+            # A subclass that wants a mailbox gets channels' own loop.
+            await super().__call__(scope, receive, send)
+            return
         self.scope = scope
         self.channel_layer = None
         self.base_send = send

@@ -1332,3 +1332,29 @@ async def test_no_origin_is_accepted(connect_chat):
 async def test_origin_on_an_allowed_host_is_accepted(connect_chat, origin):
     client = await connect_chat(headers=[(b"origin", origin)])
     assert client.greeting["room"] == "Default"
+
+
+async def test_a_consumer_that_asks_for_a_layer_mailbox_gets_one():
+    from channels.layers import get_channel_layer
+
+    from rooms.consumers import EchoConsumer
+
+    class WithMailbox(EchoConsumer):
+        channel_layer_alias = "default"
+
+        async def opened(self) -> None:
+            await self.channel_layer.group_add("mailbox-test", self.channel_name)
+
+        async def relay(self, event) -> None:
+            await self.send_body({"relayed": event["n"]})
+
+    comm = WebsocketCommunicator(WithMailbox.as_asgi(), "/echo")
+    try:
+        connected, _ = await comm.connect()
+        assert connected
+        await get_channel_layer().group_send("mailbox-test", {"type": "relay", "n": 7})
+        assert await comm.receive_json_from() == {"relayed": 7}
+        await comm.send_json_to([1])
+        assert await comm.receive_json_from() == {"echo": [1]}
+    finally:
+        await comm.disconnect()
