@@ -260,24 +260,25 @@ class ChatConsumer(FrameGuard):
 
     def abandoned(self) -> None:
         super().abandoned()
+        if self._leave_hub():
+            # As when _unseat itself is cancelled: the heartbeat takes the seat back and tells
+            # the room, so that the nick is not held until the process restarts.
+            self.hub.orphan(self.channel_name, shame=False)
+            self.hub.release(self.channel_name)
+
+    def _leave_hub(self) -> bool:
+        """Stop this connection's deliveries; False if it was not seated (or already left)."""
         seat = self.seat
         if seat is None:
-            return
-        # As when _unseat itself is cancelled: the heartbeat takes the seat back and tells
-        # the room, so that the nick is not held until the process restarts.
+            return False
         self.seat = None
         self.hub.detach(self)
         self.hub.leave(self, seat.room_id)
-        self.hub.orphan(self.channel_name, shame=False)
-        self.hub.release(self.channel_name)
+        return True
 
     async def _unseat(self, code: int | None) -> None:
-        seat = self.seat
-        if seat is None:
+        if not self._leave_hub():
             return
-        self.seat = None
-        self.hub.detach(self)
-        self.hub.leave(self, seat.room_id)
         shame = dropped_without_close(self.base_send, code)
         try:
             # Posts sent before the socket closed are stored and heard before it leaves.
@@ -421,18 +422,19 @@ class ChatConsumer(FrameGuard):
             self._posts_moved.set()
             if stored.cancelled():
                 continue
-            refused = stored.exception()
-            if refused is not None:
-                self._answer_later(self._refuse("chat_message", refused))
-                return
+            unsent = None
             try:
-                message = stored.result()
-                ts = protocol.timestamp(message.created_at)
-                unsent = self.reply_now(protocol.chat_ack(text, message.pk, ts))
+                refused = stored.exception()
+                if refused is None:
+                    message = stored.result()
+                    ts = protocol.timestamp(message.created_at)
+                    unsent = self.reply_now(protocol.chat_ack(text, message.pk, ts))
             except Exception as error:
                 # Raised in a callback, it would vanish into the loop's handler and leave
                 # the posts behind this one unanswered, and answered() waiting forever.
-                self._answer_later(self._refuse("chat_message", error))
+                refused = error
+            if refused is not None:
+                self._answer_later(self._refuse("chat_message", refused))
                 return
             if unsent is not None:
                 self._answer_later(self.send_after_queued(unsent))

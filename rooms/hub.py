@@ -73,7 +73,7 @@ class Member(Socket, Protocol):
 
 Stored = list[tuple[services.Post, Message]]
 # Frames for one socket (as one piece of bytes), and the texts and skips they were made from
-# (no skips: a reply to this socket alone).
+# (no skips: a reply to this socket alone, which may have no channel name, as /echo's have not).
 Chunk = tuple[bytes, list[str], list[str | None] | None]
 
 
@@ -494,7 +494,7 @@ class Hub:
         it, for one reader that does not read.
         """
         previous = self._sending.get(member)
-        self._unsent[member] = self._unsent.get(member, 0) + sum(map(len, texts))
+        self._count_unsent(member, sum(map(len, texts)))
         task = asyncio.ensure_future(self._send_texts(member, texts, after=previous))
         self._sending[member] = task
 
@@ -524,18 +524,22 @@ class Hub:
             for text in texts:
                 await member.base_send({"type": "websocket.send", "text": text})
                 left -= len(text)
-                self._unsent[member] = self._unsent.get(member, 0) - len(text)
+                self._count_unsent(member, -len(text))
         except Exception:
             # A socket that closed under us; its own disconnect cleans up.
             log.debug(
                 "send to %s failed", getattr(member, "channel_name", "a socket"), exc_info=True
             )
         finally:
-            unsent = self._unsent.get(member, 0) - left
-            if unsent > 0:
-                self._unsent[member] = unsent
-            else:
-                self._unsent.pop(member, None)
+            # What was never sent waits no longer.
+            self._count_unsent(member, -left)
+
+    def _count_unsent(self, member: Member, change: int) -> None:
+        unsent = self._unsent.get(member, 0) + change
+        if unsent > 0:
+            self._unsent[member] = unsent
+        else:
+            self._unsent.pop(member, None)
 
     def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without

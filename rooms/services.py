@@ -9,9 +9,10 @@ trip, connect, room switch and disconnect are one statement each. The rest uses 
 
 import functools
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
@@ -20,6 +21,7 @@ from django.utils import timezone
 from rooms.models import Message, Nickname, Presence, Room, name_key
 
 DEFAULT_ROOM = "Default"
+T = TypeVar("T")
 # Rows per multi-row statement: four parameters each stays under SQLite's oldest limit of 999.
 _ROWS_PER_STATEMENT = 200
 
@@ -318,8 +320,7 @@ def messages_create(*, posts: list[Post], check_presence: bool = True) -> list[M
     with connection.cursor() as cursor:
         if check_presence:
             present: set[str] = set()
-            for start in range(0, len(senders), _ROWS_PER_STATEMENT):
-                chunk = senders[start : start + _ROWS_PER_STATEMENT]
+            for chunk in _batches(senders):
                 cursor.execute(sql["present"] + ", ".join(["%s"] * len(chunk)) + ")", chunk)
                 present.update(row[0] for row in cursor.fetchall())
         else:
@@ -328,8 +329,7 @@ def messages_create(*, posts: list[Post], check_presence: bool = True) -> list[M
         stamp = connection.ops.adapt_datetimefield_value(now)
         kept = [post for post in posts if post.channel_name in present]
         ids: list[int] = []
-        for start in range(0, len(kept), _ROWS_PER_STATEMENT):
-            chunk = kept[start : start + _ROWS_PER_STATEMENT]
+        for chunk in _batches(kept):
             values = ", ".join(["(%s, %s, %s, %s)"] * len(chunk))
             params = [v for p in chunk for v in (p.room_id, p.author, p.text, stamp)]
             cursor.execute(f"{sql['post']} {values} RETURNING id", params)
@@ -341,6 +341,12 @@ def messages_create(*, posts: list[Post], check_presence: bool = True) -> list[M
     return [
         _stored(post, next(pks), now) if post.channel_name in present else None for post in posts
     ]
+
+
+def _batches(items: list[T]) -> Iterator[list[T]]:
+    """`items` in runs of at most _ROWS_PER_STATEMENT, one multi-row statement each."""
+    for start in range(0, len(items), _ROWS_PER_STATEMENT):
+        yield items[start : start + _ROWS_PER_STATEMENT]
 
 
 def _stored(post: Post, pk: int, created_at) -> Message:
