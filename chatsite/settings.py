@@ -224,6 +224,11 @@ CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
 # for without bound or allowed to slow its room down.
 CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
+# Long-lived objects are frozen out of the garbage collector's way once this many accumulate
+# (0: only what is loaded at startup), and everything is collected once every
+# CHAT_GC_FULL_SECONDS if anything was frozen since (rooms/collector.py).
+CHAT_GC_FREEZE_AT = env_int("CHAT_GC_FREEZE_AT", 10_000)
+CHAT_GC_FULL_SECONDS = env_float("CHAT_GC_FULL_SECONDS", 3600.0)
 # Start the process's hub (heartbeat, sweep, mailbox) when the server starts, not at the first
 # chat connection.
 CHAT_HUB_AT_STARTUP = True

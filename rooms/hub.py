@@ -13,7 +13,6 @@ Any single connection is reachable from any process through `send_to` with the `
 import asyncio
 import collections
 import contextlib
-import gc
 import itertools
 import logging
 import os
@@ -32,6 +31,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
 from rooms import protocol, services, serving
+from rooms.collector import CollectorPacer
 from rooms.models import Message, group_name
 from rooms.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER
 
@@ -177,6 +177,8 @@ class Hub:
         self._subscribed: set[int] = set()
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        # Started with the server, not with the hub (see `_pace_the_collector`).
+        self.pacer: CollectorPacer | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
         self._emptied = asyncio.Event()
@@ -211,6 +213,8 @@ class Hub:
 
     async def stop(self) -> None:
         """Stop the background tasks (the process is going away)."""
+        if self.pacer is not None:
+            self.pacer.stop()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -835,22 +839,28 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def _start_in_background() -> None:
-    _freeze_what_is_loaded()
-    task = asyncio.ensure_future(_start_until_started(get_hub()))
+    hub = get_hub()
+    _pace_the_collector(hub)
+    task = asyncio.ensure_future(_start_until_started(hub))
     _starting.add(task)
     task.add_done_callback(_starting.discard)
 
 
-def _freeze_what_is_loaded() -> None:
+def _pace_the_collector(hub: Hub) -> None:
     """Take what the server has loaded by the time it runs (Django, the app, every module)
-    out of the garbage collector's way: it lives as long as the process.
+    out of the garbage collector's way, and from then on what its connections keep alive
+    (see rooms/collector.py).
 
-    Left to the collector, each full collection walks it again: 60-75 ms with the event loop
-    stopped on a 2-core machine under load, which set the p99 latency of whole benchmark
-    runs. Frozen, it is never scanned; what connections allocate later is collected as usual.
+    Left to the collector, each full collection walks all of it again: 60-75 ms with the
+    event loop stopped on a 2-core machine under load for the modules alone, which set the
+    p99 latency of whole benchmark runs, and more with every connection.
     """
-    gc.collect()  # what is garbage already is freed, not kept for good
-    gc.freeze()
+    if hub.pacer is None:
+        hub.pacer = CollectorPacer(
+            freeze_at=settings.CHAT_GC_FREEZE_AT, full_every=settings.CHAT_GC_FULL_SECONDS
+        )
+        hub.pacer.full()
+        hub.pacer.start()
 
 
 async def _start_until_started(hub: Hub) -> None:
