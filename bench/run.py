@@ -293,6 +293,303 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
     )
 
 
+# The project's targets (bench/README.md, "Targets"), judged on the figures of one run.
+SERVER_CONFIGS = [name for name in CONFIGS if name != "yardstick"]
+FANOUT_VS_YARDSTICK: dict[str, tuple[float, float | None]] = {  # config: (required, goal)
+    "uvicorn-1": (0.8, 1.0),
+    "daphne-1": (0.25, None),
+}
+TWO_PROCESSES = {"daphne-2": "daphne-1", "uvicorn-2": "uvicorn-1"}
+TWO_VS_ONE_MIN = 0.8
+ROOMS_P99_MS = 50
+IDLE_KB_MAX = 35
+IDLE_CONNECTS_MIN = 300
+TARGET_STATUSES = ("met", "missed", "not run")
+
+
+def new_target(number: int, name: str, configs: list[str], required: str) -> dict[str, Any]:
+    return {
+        "target": number,
+        "name": name,
+        "configs": configs,
+        "required": required,
+        "measured": None,
+        "status": "not run",
+        # False when the verdict rests on a bound that could go either way (see ratio_bound).
+        "settled": True,
+        "bound": None,
+        "note": None,
+    }
+
+
+def first_line(text: str, limit: int = 120) -> str:
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def unavailable(
+    name: str, rows: dict[str, dict[str, Any]], configs: dict[str, Any], scenario: str
+) -> str | None:
+    """Why `name`'s scenario cannot be judged (absent, skipped, errored), or None if it can."""
+    row = rows.get(name)
+    if row is None:
+        return f"{name} not in this run"
+    if row["status"] != "ok":
+        problem = first_line(row["problems"][0]) if row["problems"] else ""
+        return f"{name} {row['status']}" + (f": {problem}" if problem else "")
+    data = get(configs.get(name), "scenarios", scenario)
+    if not isinstance(data, dict):
+        return f"{name} has no {scenario} result"
+    if "error" in data:
+        return f"{name} {scenario}: {first_line(str(data['error']))}"
+    return None
+
+
+def ratio_bound(value_is_floor: bool, reference_is_floor: bool) -> str | None:
+    """What a ratio of two max-sustained figures is, given which of them never saturated.
+
+    A figure that never saturated is only a floor (the load generator's ceiling), so the
+    true ratio is >= the measured one when only the numerator is a floor, <= it when only
+    the denominator is, and unknown either way when both are."""
+    if value_is_floor and reference_is_floor:
+        return "unknown"
+    if value_is_floor:
+        return "lower"
+    if reference_is_floor:
+        return "upper"
+    return None
+
+
+def bound_settles(bound: str | None, met: bool) -> bool:
+    # A lower bound that meets the target, or an upper bound that misses it, settles it.
+    return bound is None or (bound == "lower" and met) or (bound == "upper" and not met)
+
+
+BOUND_PREFIX = {None: "", "lower": ">=", "upper": "<=", "unknown": "~"}
+
+
+def figure(value: float, saturated: bool | None) -> str:
+    return f"{value:,.0f}" + ("+" if saturated is False else "")
+
+
+def ratio_text(ratio: float, minimum: float) -> str:
+    text = f"{ratio:.2f}"
+    if ratio < minimum <= float(text):  # never print a miss as the very figure required
+        text = f"{ratio:.4f}"
+    return text
+
+
+def bound_note(bound: str | None, config: str, reference: str) -> str | None:
+    if bound == "lower":
+        return f"{config} never saturated: its ratio is a lower bound"
+    if bound == "upper":
+        return f"{reference} never saturated: the true ratio may be lower"
+    if bound == "unknown":
+        return "neither saturated: both figures are the load generator's ceiling"
+    return None
+
+
+def ratio_target(
+    number: int,
+    name: str,
+    config: str,
+    reference: str,
+    minimum: float,
+    goal: float | None,
+    rows: dict[str, dict[str, Any]],
+    configs: dict[str, Any],
+) -> dict[str, Any]:
+    """`config`'s max sustained deliveries/s is at least `minimum` times `reference`'s."""
+    required = f">= {minimum:.2f}x {reference}" + (f" (goal {goal:.2f}x)" if goal else "")
+    entry = new_target(number, name, [config, reference], required)
+    why = unavailable(config, rows, configs, "fanout") or unavailable(
+        reference, rows, configs, "fanout"
+    )
+    if why:
+        entry["note"] = why
+        return entry
+    row, ref = rows[config], rows[reference]
+    value, ref_value = row["max_deliveries_per_s"], ref["max_deliveries_per_s"]
+    if not ref_value:
+        entry["note"] = f"{reference}: no fan-out step passed"
+        return entry
+    if not value:
+        entry.update(status="missed", measured="no fan-out step passed")
+        return entry
+    ratio = value / ref_value
+    met = ratio >= minimum
+    bound = ratio_bound(row["saturated"] is False, ref["saturated"] is False)
+    entry.update(
+        status="met" if met else "missed",
+        measured=(
+            f"{BOUND_PREFIX[bound]}{ratio_text(ratio, minimum)}x "
+            f"({figure(value, row['saturated'])} / {figure(ref_value, ref['saturated'])})"
+        ),
+        bound=bound,
+        settled=bound_settles(bound, met),
+        note=bound_note(bound, config, reference),
+    )
+    return entry
+
+
+def steps_below_saturation(fanout: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ladder steps that passed, and any other at or below the max sustained rate."""
+    top = get(fanout, "max_sustained", "offered_msgs_per_s")
+    return [
+        s
+        for s in fanout.get("steps") or []
+        if s.get("ok") or (top is not None and s["offered_msgs_per_s"] <= top)
+    ]
+
+
+def delivery_count(steps: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """(expected, missing, errors) summed over steps, from the integer counts.
+
+    delivery_ratio is rounded to 5 decimals, so 1.0 there can hide a few lost deliveries
+    in a step of millions. Missing is counted per step: a surplus (a duplicate) in one
+    step must not cancel a loss in another."""
+    expected = sum(s["expected"] for s in steps)
+    missing = sum(max(0, s["expected"] - s["received"]) for s in steps)
+    errors = sum(s["errors"] for s in steps)
+    return expected, missing, errors
+
+
+def delivered_text(expected: int, missing: int, errors: int) -> str:
+    text = f"{expected - missing:,}/{expected:,}"
+    if missing:
+        text += f" ({missing:,} missing)"
+    if errors:
+        text += f", {errors:,} error" + ("s" if errors != 1 else "")
+    return text
+
+
+def loss_target(
+    config: str, rows: dict[str, dict[str, Any]], configs: dict[str, Any]
+) -> dict[str, Any]:
+    entry = new_target(5, "no loss below saturation", [config], "ratio 1.000, no error")
+    why = unavailable(config, rows, configs, "fanout")
+    if why:
+        entry["note"] = why
+        return entry
+    steps = steps_below_saturation(configs[config]["scenarios"]["fanout"])
+    if not steps:
+        entry["note"] = "no fan-out step passed"
+        return entry
+    expected, missing, errors = delivery_count(steps)
+    entry.update(
+        status="met" if missing == 0 and errors == 0 else "missed",
+        measured=f"{delivered_text(expected, missing, errors)} in {len(steps)} steps",
+    )
+    return entry
+
+
+def many_rooms_target(
+    config: str, rows: dict[str, dict[str, Any]], configs: dict[str, Any]
+) -> dict[str, Any]:
+    entry = new_target(3, "many rooms", [config], f"ratio 1.000, p99 <= {ROOMS_P99_MS} ms")
+    why = unavailable(config, rows, configs, "many_rooms")
+    if why:
+        entry["note"] = why
+        return entry
+    rooms = configs[config]["scenarios"]["many_rooms"]
+    expected, missing, errors = delivery_count([rooms])
+    p99 = get(rooms, "latency", "p99_ms")
+    short = []
+    if missing or errors:
+        short.append("delivery")
+    if p99 is None or p99 > ROOMS_P99_MS:
+        short.append("p99")
+    entry.update(
+        status="missed" if short else "met",
+        measured=f"{delivered_text(expected, missing, errors)}, p99 {fmt(p99, '.1f')} ms",
+        note=f"short on {', '.join(short)}" if short else None,
+    )
+    return entry
+
+
+def idle_target(
+    config: str, rows: dict[str, dict[str, Any]], configs: dict[str, Any]
+) -> dict[str, Any]:
+    required = f"<= {IDLE_KB_MAX} KB/conn; all connected at >= {IDLE_CONNECTS_MIN}/s"
+    entry = new_target(4, "idle", [config], required)
+    why = unavailable(config, rows, configs, "idle")
+    if why:
+        entry["note"] = why
+        return entry
+    idle = configs[config]["scenarios"]["idle"]
+    requested, connected = idle["connect"]["requested"], idle["connect"]["connected"]
+    still_open = idle.get("still_open_after_hold", connected)
+    kb, rate = idle.get("kb_per_connection"), idle.get("connects_per_s")
+    short = []
+    if kb is None or kb > IDLE_KB_MAX:
+        short.append("KB/conn")
+    if connected < requested or still_open < connected:
+        short.append("connections")
+    if rate is None or rate < IDLE_CONNECTS_MIN:
+        short.append("connects/s")
+    measured = f"{fmt(kb, '.1f')} KB/conn; {connected:,}/{requested:,} at {fmt(rate, ',.0f')}/s"
+    if still_open < connected:
+        measured += f" ({still_open:,} still open)"
+    entry.update(
+        status="missed" if short else "met",
+        measured=measured,
+        note=f"short on {', '.join(short)}" if short else None,
+    )
+    return entry
+
+
+def evaluate_targets(
+    rows: list[dict[str, Any]], configs: dict[str, Any], mode: str
+) -> list[dict[str, Any]]:
+    """The issue's targets, judged on one run: `rows` from summarize(), `configs` the raw
+    results by configuration name (results.json's `summary` and `configs`)."""
+    by_name = {row["config"]: row for row in rows}
+    targets = [
+        ratio_target(1, "fan-out, 1 process", c, "yardstick", req, goal, by_name, configs)
+        for c, (req, goal) in FANOUT_VS_YARDSTICK.items()
+    ]
+    targets += [
+        ratio_target(2, "fan-out, 2 processes", c, one, TWO_VS_ONE_MIN, None, by_name, configs)
+        for c, one in TWO_PROCESSES.items()
+    ]
+    targets += [many_rooms_target(c, by_name, configs) for c in SERVER_CONFIGS]
+    targets += [idle_target(c, by_name, configs) for c in SERVER_CONFIGS]
+    # Target 2's "no message lost" is this check on the -2 configurations.
+    targets += [loss_target(c, by_name, configs) for c in SERVER_CONFIGS]
+    if mode == "smoke":
+        for entry in targets:
+            if entry["status"] != "not run":
+                entry.update(status="not run", settled=True, note="smoke mode: not judged")
+    return targets
+
+
+def target_counts(targets: list[dict[str, Any]]) -> dict[str, int]:
+    return {status: sum(t["status"] == status for t in targets) for status in TARGET_STATUSES}
+
+
+def print_targets(targets: list[dict[str, Any]], mode: str) -> None:
+    log("")
+    if mode == "smoke":
+        log("targets: smoke mode, loads far too small to mean anything; none judged")
+    else:
+        log(f"targets ({mode} mode), from this run's figures (see bench/README.md):")
+    for t in targets:
+        status = t["status"] + ("" if t["settled"] else "?")
+        line = (
+            f"  {status:<8} {t['target']}. {t['configs'][0]:<10} {t['name']:<25} "
+            f"{t['required']:<42} {t['measured'] or '-'}"
+        )
+        log(line + (f"  ({t['note']})" if t["note"] else ""))
+    counts = target_counts(targets)
+    if mode == "smoke":
+        log(f"targets: not judged in smoke mode ({len(targets)} listed)")
+        return
+    unsettled = sum(not t["settled"] for t in targets)
+    log(
+        f"targets: {counts['met']} met, {counts['missed']} missed, {counts['not run']} not run"
+        + (f" ({unsettled} judged on a bound, marked ?)" if unsettled else "")
+    )
+
+
 def draw_chart(results: list[dict[str, Any]], path: Path, title: str, fan: int) -> None:
     import matplotlib
 
@@ -436,6 +733,9 @@ def main() -> int:
         results.append(bench_config(name, params, args))
     rows = summarize(results)
     print_table(rows, params["fanout"]["clients"])
+    by_name = {r["config"]: r for r in results}
+    targets = evaluate_targets(rows, by_name, mode)
+    print_targets(targets, mode)
 
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "results.json"
@@ -455,7 +755,8 @@ def main() -> int:
             "params": params,
         },
         "summary": rows,
-        "configs": {r["config"]: r for r in results},
+        "targets": targets,
+        "configs": by_name,
     }
     json_path.write_text(json.dumps(report, indent=1))
     title = (
