@@ -41,6 +41,8 @@ T = TypeVar("T")
 PROBE_GROUP = "chat-probe"
 # At most this many messages share one transaction.
 MAX_BATCH = 500
+# At most this many texts share one channel-layer message.
+MAX_LAYER_TEXTS = 500
 # A dropped slow reader gets this long to answer the close before its connection is cut.
 SLOW_READER_GRACE = 2.0
 # Broadcasts kept for replay while the channel layer is down; older ones are dropped.
@@ -81,7 +83,8 @@ class MessageWriter:
     """Stores chat messages with group commit: posts that arrive while a write is in flight
     go together in the next one, so the database costs one round trip per batch under load
     and nothing extra when idle. Each batch is published together once committed (see
-    `Hub.publish`), before its senders are answered."""
+    `Hub.publish`): written to this process's members and handed on to the other processes
+    before its senders are answered."""
 
     def __init__(
         self, may_be_swept: Callable[[], bool], publish: Callable[[Stored], Awaitable[None]]
@@ -172,6 +175,9 @@ class Hub:
         self._undelivered: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=MAX_UNDELIVERED
         )
+        # Room broadcasts waiting for the channel layer, in order per room (`_publish_later`).
+        self._to_publish: dict[int, list[dict[str, Any]]] = {}
+        self._publishing: asyncio.Task[None] | None = None
         self._healthy_beats = 0
         self._beats = 0
         self._subscribed: set[int] = set()
@@ -215,6 +221,8 @@ class Hub:
         """Stop the background tasks (the process is going away)."""
         if self.pacer is not None:
             self.pacer.stop()
+        if self._publishing is not None:
+            self._tasks.append(self._publishing)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -266,6 +274,8 @@ class Hub:
                     await self.broadcast(
                         gone.room_id, protocol.left(gone.room_name, gone.nick, shame=False)
                     )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.published(), grace)
         # Give clients a moment to answer the close handshake before the server goes.
         if self.sockets:
             self._emptied.clear()
@@ -367,24 +377,62 @@ class Hub:
     async def _fan_out(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
         await self._deliver(room_id, texts, skips)
         if self.distributed:
-            event = {
-                "type": "room.fanout",
-                "room": room_id,
-                "texts": texts,
-                "skips": skips,
-                "origin": self.process,
-            }
-            if self._undelivered:
-                # Keep the order: this one goes out after those still waiting.
-                self._hold(event)
-                return
-            try:
-                await self.layer.group_send(group_name(room_id), event)
-            except Exception:
-                # Joins, leaves and renames are replayed once the layer is back; posting is
-                # refused until then, so no acknowledged message goes unheard.
-                self._hold(event)
-                self._layer_failed("group_send")
+            self._publish_later(room_id, texts, skips)
+
+    def _publish_later(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
+        """Hand a room's texts to the other processes, after what already waits to go.
+
+        The layer sends one message at a time per process (channels-redis holds a lock
+        around each publish until Redis answers): what arrives for a room meanwhile goes out
+        with it as one layer message, so a burst costs one publish per room rather than one
+        per broadcast, and nobody waits for Redis to broadcast.
+        """
+        events = self._to_publish.get(room_id)
+        if events is None:
+            events = self._to_publish[room_id] = []
+        if events and len(events[-1]["texts"]) < MAX_LAYER_TEXTS:
+            events[-1]["texts"].extend(texts)
+            events[-1]["skips"].extend(skips)
+        else:
+            events.append(
+                {
+                    "type": "room.fanout",
+                    "room": room_id,
+                    "texts": list(texts),
+                    "skips": list(skips),
+                    "origin": self.process,
+                }
+            )
+        if self._publishing is None:
+            self._publishing = asyncio.create_task(self._publish_waiting())
+
+    async def _publish_waiting(self) -> None:
+        try:
+            while self._to_publish:
+                waiting, self._to_publish = self._to_publish, {}
+                for events in waiting.values():
+                    for event in events:
+                        await self._publish(event)
+        finally:
+            self._publishing = None
+
+    async def _publish(self, event: dict[str, Any]) -> None:
+        if self._undelivered:
+            # Keep the order: this one goes out after those still waiting.
+            self._hold(event)
+            return
+        try:
+            await self.layer.group_send(group_name(event["room"]), event)
+        except Exception:
+            # Joins, leaves and renames are replayed once the layer is back; posting is
+            # refused until then, so no acknowledged message goes unheard.
+            self._hold(event)
+            self._layer_failed("group_send")
+
+    async def published(self) -> None:
+        """Return once every broadcast so far is with the channel layer (or held for it)."""
+        while self._publishing is not None:
+            await asyncio.wait({self._publishing})
 
     def _hold(self, event: dict[str, Any]) -> None:
         if len(self._undelivered) == MAX_UNDELIVERED:
@@ -400,6 +448,8 @@ class Hub:
         if process == self.process:
             await self._direct(channel_name, event)
         elif self.distributed:
+            # Not ahead of the broadcasts before it (a kick after the room heard why).
+            await self.published()
             await self.layer.send(process, {"type": "conn.direct", "to": channel_name, **event})
         else:
             # Without a shared layer no other process is reachable: a presence row naming one

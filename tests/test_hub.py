@@ -13,7 +13,7 @@ from channels.layers import InMemoryChannelLayer
 
 from rooms import protocol, services
 from rooms.hub import Hub
-from rooms.models import Room
+from rooms.models import Room, group_name
 from rooms.serving import text_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -388,3 +388,61 @@ async def test_starting_with_the_server_takes_what_it_loaded_out_of_the_collecto
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
     ]
+
+
+class SlowLayer:
+    """A channel layer whose publishes wait until released, as they wait for Redis."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self.publishing = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def group_send(self, group: str, event: dict[str, Any]) -> None:
+        self.publishing.set()
+        await self.released.wait()
+        self.sent.append((group, (event["texts"], event["skips"])))
+
+    async def send(self, channel: str, event: dict[str, Any]) -> None:
+        self.sent.append((channel, event["to"]))
+
+
+def texts(*bodies: dict[str, Any]) -> list[str]:
+    return [protocol.encode(body) for body in bodies]
+
+
+async def test_broadcasts_made_while_a_publish_waits_go_to_each_room_as_one_layer_message():
+    layer = SlowLayer()
+    hub = Hub(layer)
+    one, two, three, four = ({"n": n} for n in range(4))
+
+    await asyncio.wait_for(hub.broadcast(1, one), timeout=5)
+    await layer.publishing.wait()
+    # Broadcasting does not wait for the layer.
+    await asyncio.wait_for(hub.broadcast(1, two), timeout=5)
+    await asyncio.wait_for(hub.broadcast(2, three), timeout=5)
+    await asyncio.wait_for(hub.broadcast(1, four, skip="ann"), timeout=5)
+    layer.released.set()
+    await hub.published()
+
+    assert layer.sent == [
+        (group_name(1), (texts(one), [None])),
+        (group_name(1), (texts(two, four), [None, "ann"])),
+        (group_name(2), (texts(three), [None])),
+    ]
+
+
+async def test_an_event_for_one_connection_is_not_sent_ahead_of_broadcasts_before_it():
+    layer = SlowLayer()
+    hub = Hub(layer)
+    hub.process = "here"
+
+    await asyncio.wait_for(hub.broadcast(1, {"kicked": "ann"}), timeout=5)
+    await layer.publishing.wait()
+    direct = asyncio.create_task(
+        hub.send_to(process="there", channel_name="there|7", event={"close": 1008})
+    )
+    layer.released.set()
+    await direct
+
+    assert [target for target, _ in layer.sent] == [group_name(1), "there"]
