@@ -3,8 +3,9 @@
 
 What every connection does (connect, rename, switch rooms, disconnect) is written in SQL: it runs
 on the one database thread of a server process, where the ORM's cost of building each query
-capped how fast clients could connect. On PostgreSQL, where every statement is a network round
-trip, connect, room switch and disconnect are one statement each. The rest uses the ORM.
+capped how fast clients could connect. Connect, room switch and disconnect run without a
+transaction around them: one statement each on PostgreSQL, where every statement is a network
+round trip, and one or two on SQLite. The rest uses the ORM.
 """
 
 import functools
@@ -135,6 +136,22 @@ def _sql(vendor: str) -> dict[str, str]:
             f" SELECT gone.nick, gone.room_id, r.name, gone.process FROM gone"
             f" JOIN {room} r ON r.id = gone.room_id, relaxed",
         }
+    elif vendor == "sqlite":
+        # The same paths without a transaction around them: on SQLite, BEGIN, the reads, the
+        # writes and COMMIT cost more in Python than SQLite takes to run them. Each path is
+        # one statement (a room switch two: RETURNING has no old values), and, as above,
+        # returns no row when it does not apply as it stands.
+        statements |= {
+            "seat_now": f"INSERT INTO {presence} (channel_name, process, worker, nick, nick_key,"
+            " room_id, joined_at) SELECT %s, %s, %s, %s, %s, r.id, %s"
+            f" FROM {room} r WHERE r.name = %s ON CONFLICT DO NOTHING RETURNING room_id",
+            # Guarded by what `where` read just before, as move_now is on PostgreSQL.
+            "move_now": f"UPDATE {presence} SET room_id = r.id, joined_at = %s FROM {room} r"
+            f" WHERE {presence}.channel_name = %s AND r.name = %s AND r.id <> %s"
+            f" AND {presence}.room_id = %s AND {presence}.nick = %s RETURNING room_id",
+            "unseat_now": f"DELETE FROM {presence} WHERE channel_name = %s RETURNING nick,"
+            f" room_id, (SELECT name FROM {room} WHERE id = room_id), process, nick_key",
+        }
     return statements
 
 
@@ -185,9 +202,9 @@ def _locked(cursor, channel_name: str) -> _Presence | None:
     return None if row is None else _Presence(*row)
 
 
-def _one_statement() -> bool:
-    """Whether the database takes the one-statement forms of the hot paths (see `_sql`)."""
-    return connection.vendor == "postgresql"
+def _fast_paths() -> bool:
+    """Whether the database has transaction-free forms of the hot paths (see `_sql`)."""
+    return connection.vendor in ("postgresql", "sqlite")
 
 
 def _random_nick() -> str:
@@ -196,14 +213,14 @@ def _random_nick() -> str:
 
 def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
     """Seat a new connection in the default room under a random free nick `User<n>`."""
-    if _one_statement():
+    if _fast_paths():
         nick = _random_nick()
         with connection.cursor() as cursor:
-            seat = [channel_name, process, worker, nick, name_key(nick), DEFAULT_ROOM]
-            _execute(cursor, "seat_now", seat)
-            row = cursor.fetchone()
-        if row is not None:
-            return Seat(nick=nick, room_id=row[0], room_name=DEFAULT_ROOM)
+            seat = [channel_name, process, worker, nick, name_key(nick), *_entered()]
+            _execute(cursor, "seat_now", [*seat, DEFAULT_ROOM])
+            rows = cursor.fetchall()
+        if rows:
+            return Seat(nick=nick, room_id=rows[0][0], room_name=DEFAULT_ROOM)
     return _seat(channel_name=channel_name, process=process, worker=worker)
 
 
@@ -223,11 +240,17 @@ def _seat(*, channel_name: str, process: str, worker: str) -> Seat:
 
 def presence_disconnect(*, channel_name: str) -> Departure | None:
     """Remove a closed connection's presence, freeing its nick; None if already swept."""
-    if _one_statement():
+    if _fast_paths():
         with connection.cursor() as cursor:
             _execute(cursor, "unseat_now", [channel_name])
-            row = cursor.fetchone()
-        return None if row is None else Departure(*row)
+            rows = cursor.fetchall()
+            if not rows:
+                return None
+            nick, room_id, room_name, process, *nick_key = rows[0]
+            if nick_key:
+                # On SQLite a DELETE cannot update another table too, as PostgreSQL's does.
+                _execute(cursor, "nick_seen", nick_key)
+        return Departure(nick=nick, room_id=room_id, room_name=room_name, process=process)
     return _unseat(channel_name=channel_name)
 
 
@@ -266,15 +289,36 @@ def nick_set(*, channel_name: str, nick: str) -> tuple[str, Seat]:
 
 def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
     """Move a connection to another room (created on first use); returns (old, new) seats."""
-    if _one_statement():
-        with connection.cursor() as cursor:
-            _execute(cursor, "move_now", [channel_name, room_name, channel_name])
-            row = cursor.fetchone()
-        if row is not None:
-            nick, old_room_id, old_room_name, room_id = row
-            old = Seat(nick=nick, room_id=old_room_id, room_name=old_room_name)
-            return old, Seat(nick=nick, room_id=room_id, room_name=room_name)
+    if _fast_paths():
+        moved = _move_now(channel_name=channel_name, room_name=room_name)
+        if moved is not None:
+            return moved
     return _move(channel_name=channel_name, room_name=room_name)
+
+
+def _move_now(*, channel_name: str, room_name: str) -> tuple[Seat, Seat] | None:
+    """`room_join` without a transaction; None where it does not apply as things stand."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            _execute(cursor, "move_now", [channel_name, room_name, channel_name])
+            rows = cursor.fetchall()
+            if not rows:
+                return None
+            nick, old_room_id, old_room_name, room_id = rows[0]
+        else:
+            _execute(cursor, "where", [channel_name])
+            rows = cursor.fetchall()
+            if not rows:
+                return None
+            nick, _, old_room_id, old_room_name, _ = rows[0]
+            guard = [channel_name, room_name, old_room_id, old_room_id, nick]
+            _execute(cursor, "move_now", [*_entered(), *guard])
+            rows = cursor.fetchall()
+            if not rows:
+                return None
+            room_id = rows[0][0]
+    old = Seat(nick=nick, room_id=old_room_id, room_name=old_room_name)
+    return old, Seat(nick=nick, room_id=room_id, room_name=room_name)
 
 
 @transaction.atomic

@@ -76,27 +76,52 @@ def test_presence_disconnect_frees_the_nick():
 
 on_postgres = pytest.mark.skipif(
     connection.vendor != "postgresql",
-    reason="one-statement forms exist on PostgreSQL only (tests/e2e/test_postgres_services.py)",
+    reason="relaxed commits exist on PostgreSQL only (tests/e2e/test_postgres_services.py)",
+)
+on_sqlite = pytest.mark.skipif(
+    connection.vendor != "sqlite", reason="the read-then-write room switch is SQLite's"
 )
 
 
-@on_postgres
-def test_on_postgres_connect_room_switch_and_disconnect_are_one_statement_each():
+def test_connect_room_switch_and_disconnect_run_without_a_transaction():
+    # PostgreSQL does each in one statement; SQLite reads before it switches rooms, and
+    # updates the nickname apart from the DELETE.
+    statements = {"postgresql": (1, 1, 1), "sqlite": (1, 2, 2)}[connection.vendor]
     connect("c0")  # the Default room exists from here on
     Room.objects.create(name="math")
-    with CaptureQueriesContext(connection) as queries:
+    with CaptureQueriesContext(connection) as connecting:
         seat = connect("c1")
-    assert len(queries) == 1
-    with CaptureQueriesContext(connection) as queries:
+    with CaptureQueriesContext(connection) as switching:
         old, new = services.room_join(channel_name="c1", room_name="math")
-    assert len(queries) == 1
-    assert (old, new.room_name) == (seat, "math")
-    with CaptureQueriesContext(connection) as queries:
+    with CaptureQueriesContext(connection) as leaving:
         gone = services.presence_disconnect(channel_name="c1")
-    assert len(queries) == 1
+
+    assert (len(connecting), len(switching), len(leaving)) == statements
+    for captured in (connecting, switching, leaving):
+        assert not [q for q in captured if re.match(r"(BEGIN|SAVEPOINT)", q["sql"], re.I)]
+    assert (old, new.room_name) == (seat, "math")
     assert gone == services.Departure(
         nick=seat.nick, room_id=new.room_id, room_name="math", process="proc-a"
     )
+
+
+@on_sqlite
+def test_a_room_switch_whose_presence_changed_after_it_was_read_is_decided_under_lock(
+    monkeypatch,
+):
+    connect("c1")
+    math = Room.objects.create(name="math")
+    execute = services._execute
+
+    def moved_meanwhile(cursor, statement, params):
+        execute(cursor, statement, params)
+        if statement == "where":
+            # Another switch lands between the read and the guarded write.
+            Presence.objects.filter(channel_name="c1").update(room_id=math.pk)
+
+    monkeypatch.setattr(services, "_execute", moved_meanwhile)
+    with pytest.raises(services.AlreadyInRoom):
+        services.room_join(channel_name="c1", room_name="math")
 
 
 @on_postgres
