@@ -1,8 +1,8 @@
 """The services' suite, run again on PostgreSQL.
 
 What every connection does is written in SQL that differs by vendor (rooms/services.py): one
-statement each on PostgreSQL, transactions of several on SQLite. The in-process suite runs on
-SQLite; this runs its service and selector tests on the session's PostgreSQL database.
+statement each on PostgreSQL, one or two on SQLite. The in-process suite runs on SQLite; this
+runs its service and selector tests on the session's PostgreSQL database.
 """
 
 from __future__ import annotations
