@@ -70,7 +70,7 @@ class CollectorPacer:
         once `full_every` has passed since the last full collection, if something was frozen
         since (otherwise the collector's own full collections saw everything)."""
         # Listing the oldest generation costs as much as its size, which freezing keeps small.
-        if len(gc.get_objects(generation=2)) >= self.freeze_at:
+        if self.freeze_at > 0 and len(gc.get_objects(generation=2)) >= self.freeze_at:
             gc.freeze()
             self.freezes += 1
             self._frozen_since_full = True

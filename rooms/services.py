@@ -139,8 +139,9 @@ def _sql(vendor: str) -> dict[str, str]:
     elif vendor == "sqlite":
         # The same paths without a transaction around them: on SQLite, BEGIN, the reads, the
         # writes and COMMIT cost more in Python than SQLite takes to run them. Each path is
-        # one statement (a room switch two: RETURNING has no old values), and, as above,
-        # returns no row when it does not apply as it stands.
+        # one statement, except a room switch (RETURNING has no old values, so it reads
+        # first) and a disconnect (the nickname is updated apart), and, as above, returns no
+        # row when it does not apply as it stands.
         statements |= {
             "seat_now": f"INSERT INTO {presence} (channel_name, process, worker, nick, nick_key,"
             " room_id, joined_at) SELECT %s, %s, %s, %s, %s, r.id, %s"
@@ -246,11 +247,13 @@ def presence_disconnect(*, channel_name: str) -> Departure | None:
             rows = cursor.fetchall()
             if not rows:
                 return None
-            nick, room_id, room_name, process, *nick_key = rows[0]
-            if nick_key:
-                # On SQLite a DELETE cannot update another table too, as PostgreSQL's does.
-                _execute(cursor, "nick_seen", nick_key)
-        return Departure(nick=nick, room_id=room_id, room_name=room_name, process=process)
+            if connection.vendor == "sqlite":
+                # A DELETE there cannot update another table too, as PostgreSQL's does.
+                *gone, nick_key = rows[0]
+                _execute(cursor, "nick_seen", [nick_key])
+            else:
+                gone = rows[0]
+        return Departure(*gone)
     return _unseat(channel_name=channel_name)
 
 

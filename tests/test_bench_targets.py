@@ -23,6 +23,7 @@ def load_bench_run() -> ModuleType:
 
 
 bench_run = load_bench_run()
+import loadgen  # noqa: E402  (a sibling of run.py, importable once bench/ is on the path)
 
 FAN = 199
 SERVERS = ["daphne-1", "uvicorn-1", "daphne-2", "uvicorn-2"]
@@ -70,16 +71,7 @@ def fanout(steps: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "steps": steps,
         "saturated": any(not s["ok"] for s in steps),
-        "max_sustained": None
-        if best is None
-        else {
-            "deliveries_per_s": best["delivered_per_s"],
-            "offered_msgs_per_s": best["offered_msgs_per_s"],
-            "offered_deliveries_per_s": best["offered_deliveries_per_s"],
-            "latency": best["latency"],
-            "server_cpu_pct": best["server_cpu_pct"],
-            "loadgen_cpu_pct": best["loadgen_cpu_pct"],
-        },
+        "max_sustained": loadgen.max_sustained(best),
     }
 
 
