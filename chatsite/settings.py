@@ -124,6 +124,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
             f" -c synchronous_commit={os.environ.get('CHAT_DB_SYNCHRONOUS_COMMIT', 'on')}"
         ),
     }
+    if env_bool("CHAT_DB_PREPARE", True):
+        # Lets rooms.prepared keep the hot statements prepared. The ORM's cursors bind on the
+        # client and never prepare, whatever this says.
+        DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 5
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets the admin read while the chat writes; synchronous=NORMAL keeps every

@@ -6,6 +6,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Count
 
+from rooms import prepared
 from rooms.models import Message, Presence, Room
 from rooms.protocol import timestamp
 
@@ -62,7 +63,7 @@ def message_history(
         f"SELECT id, author, text, created_at FROM {message} WHERE {' AND '.join(where)}"
         f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT %s"
     )
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(sql, [*params, limit])
         page = cursor.fetchall()
     if newest_first:

@@ -19,6 +19,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from rooms import prepared
 from rooms.models import Message, Nickname, Presence, Room, name_key
 
 DEFAULT_ROOM = "Default"
@@ -180,7 +181,7 @@ def _relaxed_commit(cursor) -> None:
 
 def _room_id(name: str) -> int:
     """The id of a room, created on first use."""
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         _execute(cursor, "room_id", [name])
         row = cursor.fetchone()
     if row is not None:
@@ -216,7 +217,7 @@ def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
     """Seat a new connection in the default room under a random free nick `User<n>`."""
     if _fast_paths():
         nick = _random_nick()
-        with connection.cursor() as cursor:
+        with prepared.cursor() as cursor:
             seat = [channel_name, process, worker, nick, name_key(nick), *_entered()]
             _execute(cursor, "seat_now", [*seat, DEFAULT_ROOM])
             rows = cursor.fetchall()
@@ -228,7 +229,7 @@ def presence_connect(*, channel_name: str, process: str, worker: str) -> Seat:
 @transaction.atomic
 def _seat(*, channel_name: str, process: str, worker: str) -> Seat:
     room_id = _room_id(DEFAULT_ROOM)
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         _relaxed_commit(cursor)
         for _attempt in range(100):
             nick = _random_nick()
@@ -242,7 +243,7 @@ def _seat(*, channel_name: str, process: str, worker: str) -> Seat:
 def presence_disconnect(*, channel_name: str) -> Departure | None:
     """Remove a closed connection's presence, freeing its nick; None if already swept."""
     if _fast_paths():
-        with connection.cursor() as cursor:
+        with prepared.cursor() as cursor:
             _execute(cursor, "unseat_now", [channel_name])
             rows = cursor.fetchall()
             if not rows:
@@ -259,7 +260,7 @@ def presence_disconnect(*, channel_name: str) -> Departure | None:
 
 @transaction.atomic
 def _unseat(*, channel_name: str) -> Departure | None:
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         _relaxed_commit(cursor)
         presence = _locked(cursor, channel_name)
         if presence is None:
@@ -277,7 +278,7 @@ def _unseat(*, channel_name: str) -> Departure | None:
 @transaction.atomic
 def nick_set(*, channel_name: str, nick: str) -> tuple[str, Seat]:
     """Rename a connection; returns its previous nick and its new seat."""
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         presence = _locked(cursor, channel_name)
         if presence is None:
             raise NotConnected(channel_name)
@@ -301,7 +302,7 @@ def room_join(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
 
 def _move_now(*, channel_name: str, room_name: str) -> tuple[Seat, Seat] | None:
     """`room_join` without a transaction; None where it does not apply as things stand."""
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         if connection.vendor == "postgresql":
             _execute(cursor, "move_now", [channel_name, room_name, channel_name])
             rows = cursor.fetchall()
@@ -326,7 +327,7 @@ def _move_now(*, channel_name: str, room_name: str) -> tuple[Seat, Seat] | None:
 
 @transaction.atomic
 def _move(*, channel_name: str, room_name: str) -> tuple[Seat, Seat]:
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         _relaxed_commit(cursor)
         presence = _locked(cursor, channel_name)
         if presence is None:

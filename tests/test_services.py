@@ -1,5 +1,6 @@
 """Services (state changes) and selectors (reads) against the database."""
 
+import itertools
 import re
 from datetime import datetime, timedelta
 
@@ -8,7 +9,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from rooms import selectors, services
+from rooms import prepared, selectors, services
 from rooms.models import Message, Nickname, Presence, Room, name_key
 from rooms.protocol import timestamp
 
@@ -138,6 +139,58 @@ def test_on_postgres_relaxed_commits_leave_the_session_setting_alone():
     services.room_join(channel_name="c1", room_name="Default")
     services.presence_disconnect(channel_name="c1")
     assert durability() == before == "on"
+
+
+def _prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _as_sent(statement: str) -> str:
+    """A statement as psycopg sends it bound on the server: %s becomes $1, $2, ..."""
+    numbers = itertools.count(1)
+    return re.sub("%s", lambda _: f"${next(numbers)}", statement)
+
+
+@on_postgres
+def test_on_postgres_what_every_connection_runs_is_prepared_once_per_database_connection():
+    connect("c0")  # the Default room exists from here on
+    Room.objects.create(name="math")
+    before = _prepared_statements()
+    connect("c1")
+    services.room_join(channel_name="c1", room_name="math")
+    selectors.message_history(room_name="math", limit=5)
+    services.presence_disconnect(channel_name="c1")
+    connect("c2")  # a second connect reuses what the first prepared
+
+    hot = services._sql("postgresql")
+    prepared = _prepared_statements()
+    for name in ("seat_now", "move_now", "unseat_now"):
+        assert prepared.count(_as_sent(hot[name])) == 1, name
+    assert any(s.startswith("SELECT id, author, text, created_at FROM") for s in prepared)
+    assert len(prepared) == len(before) + 3  # move_now, the history page, unseat_now
+
+
+@on_postgres
+def test_on_postgres_nothing_is_prepared_when_turned_off(monkeypatch):
+    monkeypatch.setattr(connection.connection, "prepare_threshold", None)  # CHAT_DB_PREPARE=0
+    connect("c1")
+    services.room_join(channel_name="c1", room_name="math")
+    services.presence_disconnect(channel_name="c1")
+    assert _prepared_statements() == []
+
+
+@on_postgres
+def test_on_postgres_a_failed_prepared_statement_is_a_django_error_and_changes_nothing():
+    named("c1", "alice")
+    seat = connect("c2")
+    rename = services._sql("postgresql")["rename"]
+    for _attempt in range(2):  # refused once prepared as well as when first prepared
+        with pytest.raises(IntegrityError), transaction.atomic(), prepared.cursor() as cursor:
+            cursor.execute(rename, ["alice", name_key("alice"), "c2"])
+    assert Presence.objects.get(channel_name="c2").nick == seat.nick
+    assert services.nick_set(channel_name="c2", nick="bob")[0] == seat.nick
 
 
 # --- nicks ----------------------------------------------------------------------------------
