@@ -79,6 +79,10 @@ on_postgres = pytest.mark.skipif(
     connection.vendor != "postgresql",
     reason="relaxed commits exist on PostgreSQL only (tests/e2e/test_postgres_services.py)",
 )
+prepares = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="prepared statements are PostgreSQL's (tests/e2e/test_postgres_services.py)",
+)
 on_sqlite = pytest.mark.skipif(
     connection.vendor != "sqlite", reason="the read-then-write room switch is SQLite's"
 )
@@ -153,7 +157,7 @@ def _as_sent(statement: str) -> str:
     return re.sub("%s", lambda _: f"${next(numbers)}", statement)
 
 
-@on_postgres
+@prepares
 def test_on_postgres_what_every_connection_runs_is_prepared_once_per_database_connection():
     connect("c0")  # the Default room exists from here on
     Room.objects.create(name="math")
@@ -172,7 +176,7 @@ def test_on_postgres_what_every_connection_runs_is_prepared_once_per_database_co
     assert len(prepared) == len(before) + 3  # move_now, the history page, unseat_now
 
 
-@on_postgres
+@prepares
 def test_on_postgres_nothing_is_prepared_when_turned_off(monkeypatch):
     monkeypatch.setattr(connection.connection, "prepare_threshold", None)  # CHAT_DB_PREPARE=0
     connect("c1")
@@ -181,7 +185,7 @@ def test_on_postgres_nothing_is_prepared_when_turned_off(monkeypatch):
     assert _prepared_statements() == []
 
 
-@on_postgres
+@prepares
 def test_on_postgres_a_failed_prepared_statement_is_a_django_error_and_changes_nothing():
     named("c1", "alice")
     seat = connect("c2")
