@@ -8,13 +8,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from rooms import protocol, selectors, services
+from rooms import dbthread, protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
 from rooms.models import Message
@@ -80,7 +79,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # AsyncConsumer.dispatch awaits aclose_old_connections() - a thread hop - before every
-        # frame. Every database call here goes through database_sync_to_async, which closes
+        # frame. Every database call here goes through rooms.dbthread, which closes
         # stale connections around itself, so the hop would buy nothing.
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
@@ -226,7 +225,8 @@ class ChatConsumer(FrameGuard):
         try:
             await self.hub.start(self.scope)
             self.channel_name = self.hub.address()
-            seat = await database_sync_to_async(services.presence_connect)(
+            seat = await dbthread.run(
+                services.presence_connect,
                 channel_name=self.channel_name,
                 process=self.hub.process,
                 worker=self.hub.worker,
@@ -283,9 +283,7 @@ class ChatConsumer(FrameGuard):
         try:
             # Posts sent before the socket closed are stored and heard before it leaves.
             await self.answered()
-            gone = await database_sync_to_async(services.presence_disconnect)(
-                channel_name=self.channel_name
-            )
+            gone = await dbthread.run(services.presence_disconnect, channel_name=self.channel_name)
         except asyncio.CancelledError:
             # The server stopped waiting for this consumer: the heartbeat takes the seat back
             # and tells the room, as for any seat whose removal failed.
@@ -355,14 +353,14 @@ class ChatConsumer(FrameGuard):
 
     async def _send_history(self, room: str, **page: Any) -> None:
         """Send a history page of a room; `page` selects it (see selectors.message_history)."""
-        messages = await database_sync_to_async(selectors.message_history)(**page)
+        messages = await dbthread.run(selectors.message_history, **page)
         await self.send_body(protocol.history(room, messages))
 
     async def set_nick(self, body: dict[str, Any]) -> None:
         nick = protocol.nick_from(body)
         try:
-            previous, seat = await database_sync_to_async(services.nick_set)(
-                channel_name=self.channel_name, nick=nick
+            previous, seat = await dbthread.run(
+                services.nick_set, channel_name=self.channel_name, nick=nick
             )
         except services.NickInUse:
             raise ProtocolError("set_nick", protocol.NICK_IN_USE) from None
@@ -374,8 +372,8 @@ class ChatConsumer(FrameGuard):
     async def join_room(self, body: dict[str, Any]) -> None:
         room = protocol.room_from(body)
         try:
-            old, new = await database_sync_to_async(services.room_join)(
-                channel_name=self.channel_name, room_name=room
+            old, new = await dbthread.run(
+                services.room_join, channel_name=self.channel_name, room_name=room
             )
         except services.AlreadyInRoom:
             raise ProtocolError("join_room", protocol.ALREADY_IN_ROOM) from None
@@ -467,7 +465,7 @@ class ChatConsumer(FrameGuard):
     async def user_list(self, body: dict[str, Any]) -> None:
         assert self.seat is not None
         room = protocol.user_list_room_from(body, self.seat.room_name)
-        users = await database_sync_to_async(selectors.room_users)(room_name=room)
+        users = await dbthread.run(selectors.room_users, room_name=room)
         await self.send_body(protocol.user_list(room, users))
 
     async def history(self, body: dict[str, Any]) -> None:
@@ -487,7 +485,7 @@ class ChatConsumer(FrameGuard):
         )
 
     async def room_list(self, body: dict[str, Any]) -> None:
-        rooms = await database_sync_to_async(selectors.room_list)()
+        rooms = await dbthread.run(selectors.room_list)
         await self.send_body(protocol.room_list(rooms))
 
     actions: dict[str, Action] = {

@@ -4,10 +4,11 @@ import asyncio
 import logging
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.db import connection
+
+from rooms import dbthread
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def _ping_database() -> None:
 
 async def database_status() -> dict[str, Any]:
     try:
-        await asyncio.wait_for(database_sync_to_async(_ping_database)(), CHECK_TIMEOUT)
+        await asyncio.wait_for(dbthread.run(_ping_database), CHECK_TIMEOUT)
     except Exception as error:
         log.warning("database check failed: %r", error)
         return {"ok": False, "error": type(error).__name__}

@@ -26,11 +26,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
-from rooms import protocol, services, serving
+from rooms import dbthread, protocol, services, serving
 from rooms.collector import CollectorPacer
 from rooms.models import Message, group_name
 from rooms.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER
@@ -116,8 +115,10 @@ class MessageWriter:
                 batch = self._waiting[:MAX_BATCH]
                 del self._waiting[:MAX_BATCH]
                 try:
-                    stored = await database_sync_to_async(services.messages_create)(
-                        posts=[post for post, _ in batch], check_presence=self._may_be_swept()
+                    stored = await dbthread.run(
+                        services.messages_create,
+                        posts=[post for post, _ in batch],
+                        check_presence=self._may_be_swept(),
                     )
                 except Exception as error:
                     for _, future in batch:
@@ -206,8 +207,8 @@ class Hub:
             else:
                 self.process = f"local.{uuid.uuid4().hex}"
             self.worker = settings.CHAT_WORKER_NAME or _worker_name(scope)
-            departures = await database_sync_to_async(services.presence_clear_worker)(
-                worker=self.worker, keep_process=self.process
+            departures = await dbthread.run(
+                services.presence_clear_worker, worker=self.worker, keep_process=self.process
             )
             await self._announce(departures)
             self._database_ok_since = self._heartbeat_ok_at = time.monotonic()
@@ -263,8 +264,8 @@ class Hub:
             # Posts already accepted are stored and heard before their authors' `left`.
             await self.writer.idle(timeout=grace)
             try:
-                departures = await database_sync_to_async(services.presence_clear_process)(
-                    process=self.process
+                departures = await dbthread.run(
+                    services.presence_clear_process, process=self.process
                 )
             except Exception:
                 # The other processes' sweep removes them once this one stops heartbeating.
@@ -663,9 +664,7 @@ class Hub:
     async def heartbeat(self) -> None:
         """Prove this process alive, heal its group membership, and sweep dead processes."""
         try:
-            present = await database_sync_to_async(services.presence_heartbeat)(
-                process=self.process
-            )
+            present = await dbthread.run(services.presence_heartbeat, process=self.process)
         except Exception:
             self._database_ok_since = None
             raise
@@ -685,16 +684,12 @@ class Hub:
         # judge the others dead: sweeping sooner would remove live users.
         timeout = settings.CHAT_PRESENCE_TIMEOUT_SECONDS
         if time.monotonic() - self._database_ok_since >= timeout:
-            departures = await database_sync_to_async(services.presence_sweep)(
-                timeout_seconds=timeout
-            )
+            departures = await dbthread.run(services.presence_sweep, timeout_seconds=timeout)
             await self._announce(departures)
 
     async def _bury_orphans(self) -> None:
         for channel_name, shame in list(self._orphans.items()):
-            gone = await database_sync_to_async(services.presence_disconnect)(
-                channel_name=channel_name
-            )
+            gone = await dbthread.run(services.presence_disconnect, channel_name=channel_name)
             del self._orphans[channel_name]
             if gone is not None:
                 await self.broadcast(
@@ -749,14 +744,14 @@ class Hub:
         lost, as presence commits may be in a database crash) is removed silently: its room
         heard `left` when the socket closed.
         """
-        alive = set(await database_sync_to_async(services.presence_channels)(process=self.process))
+        alive = set(await dbthread.run(services.presence_channels, process=self.process))
         # Judged now: a connection seated during the awaits below is not in `alive`, and alive.
         swept = [m for name, m in self.members.items() if name not in alive]
         ghosts = alive - self._addresses - self._orphans.keys()
         if ghosts:
             log.warning("removing %d presence rows with no connection behind them", len(ghosts))
-            await database_sync_to_async(services.presence_forget)(
-                process=self.process, channel_names=sorted(ghosts)
+            await dbthread.run(
+                services.presence_forget, process=self.process, channel_names=sorted(ghosts)
             )
         for member in swept:
             channel_name = member.channel_name

@@ -1,5 +1,5 @@
 """Everything that changes chat state, each change atomic; called from async code through
-`database_sync_to_async`, and from the admin and management commands directly.
+`rooms.dbthread`, and from the admin and management commands directly.
 
 What every connection does (connect, rename, switch rooms, disconnect) is written in SQL: it runs
 on the one database thread of a server process, where the ORM's cost of building each query
