@@ -5,6 +5,10 @@ import pytest
 
 from rooms import dbthread
 
+# Every call closes the thread's stale connections, which touches the database thread's
+# connection once another test has opened it.
+pytestmark = pytest.mark.django_db
+
 
 def where() -> int:
     return threading.get_ident()
