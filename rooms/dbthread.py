@@ -20,16 +20,8 @@ from django.db import close_old_connections
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _thread() -> concurrent.futures.ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        _executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="chat-db"
-        )
-    return _executor
+# Its one thread starts with the first call.
+_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-db")
 
 
 def _hygienic(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
@@ -47,4 +39,4 @@ async def run(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     thread is not made.
     """
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_thread(), _hygienic, fn, args, kwargs)
+    return await loop.run_in_executor(_executor, _hygienic, fn, args, kwargs)

@@ -12,24 +12,17 @@ them (PgBouncer >= 1.21 with `max_prepared_statements`), or `CHAT_DB_PREPARE=0` 
 
 from typing import Any
 
+import psycopg
 from django.db import connection
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 
-def _preparing_cursor_class() -> type:
-    import psycopg
+class _PreparingCursor(psycopg.Cursor):
+    """Binds on the server and prepares every statement it runs on first use."""
 
-    class PreparingCursor(psycopg.Cursor):
-        """Binds on the server and prepares every statement it runs on first use."""
-
-        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-            kwargs.setdefault("prepare", True)
-            return super().execute(query, params, **kwargs)
-
-    return PreparingCursor
-
-
-_cursor_class: type | None = None
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("prepare", True)
+        return super().execute(query, params, **kwargs)
 
 
 class _LoggedCursor(CursorDebugWrapper):
@@ -42,14 +35,14 @@ class _LoggedCursor(CursorDebugWrapper):
             return CursorWrapper.execute(self, sql, params)
 
 
-def prepares() -> bool:
+def _prepares() -> bool:
     """Whether this database connection keeps statements prepared (PostgreSQL, not turned off)."""
     if connection.vendor != "postgresql":
         return False
     connection.ensure_connection()
     # psycopg prepares nothing while prepare_threshold is None, which is Django's default;
     # settings set it unless CHAT_DB_PREPARE=0.
-    return getattr(connection.connection, "prepare_threshold", None) is not None
+    return connection.connection.prepare_threshold is not None
 
 
 def cursor() -> Any:
@@ -58,14 +51,11 @@ def cursor() -> Any:
     Django's wrapper around it is kept: database errors arrive as Django's exceptions, and
     tests that capture queries see these statements too.
     """
-    global _cursor_class
-    if not prepares():
+    if not _prepares():
         return connection.cursor()
-    if _cursor_class is None:
-        _cursor_class = _preparing_cursor_class()
     connection.validate_thread_sharing()
     with connection.wrap_database_errors:
-        raw = _cursor_class(connection.connection)
+        raw = _PreparingCursor(connection.connection)
     if connection.queries_logged:
         return _LoggedCursor(raw, connection)
     return connection.make_cursor(raw)
