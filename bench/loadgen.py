@@ -20,12 +20,16 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 from wsclient import WSClient, connect
 
+if TYPE_CHECKING:
+    from receivers import Receivers
+
+T = TypeVar("T")
 HOST = "127.0.0.1"
 PAD = "lorem ipsum dolor sit amet"
 # Every delivery is counted, but only every 8th one's latency is kept (the 1st, 9th, 17th...
@@ -118,9 +122,9 @@ class Servers:
 class Bench:
     """State shared by all clients of one load generator run."""
 
-    def __init__(self, ports: list[int], pids: list[int]) -> None:
+    def __init__(self, ports: list[int], pids: list[int], nonce: str | None = None) -> None:
         self.ports = ports
-        self.nonce = secrets.token_hex(3)
+        self.nonce = nonce or secrets.token_hex(3)
         # Unique per run, so history replayed from earlier runs is never counted.
         self.marker_s = f"~b{self.nonce}~"
         self.marker = self.marker_s.encode()
@@ -134,6 +138,8 @@ class Bench:
         self.control_frames = 0
         self.next_cid = 0
         self.servers = Servers(pids)
+        # The fan-out's receiving clients, when they live in processes of their own.
+        self.receivers: Receivers | None = None
 
     def new_step(self) -> tuple[int, StepStats]:
         st = StepStats()
@@ -161,8 +167,14 @@ class Bench:
         self.error_samples[f"{action}: {message}"] += 1
 
     def activity(self) -> int:
-        """Grows with every frame received, whatever its kind."""
+        """Grows with every frame this process receives, whatever its kind."""
         return self.control_frames + sum(st.received for st in self.steps)
+
+    async def all_activity(self) -> int:
+        """Grows with every frame any client receives, here or in a receiver process."""
+        if self.receivers is None:
+            return self.activity()
+        return self.activity() + (await self.receivers.progress(None))[2]
 
 
 class Client(WSClient):
@@ -328,11 +340,11 @@ async def close_all(clients: list[Client], timeout: float = 5.0) -> None:
 async def settle(bench: Bench, quiet_s: float, cap_s: float) -> None:
     """Wait until no frame at all arrives for quiet_s (bounded by cap_s)."""
     end = time.monotonic() + cap_s
-    last = bench.activity()
+    last = await bench.all_activity()
     last_change = time.monotonic()
     while time.monotonic() < end:
         await asyncio.sleep(0.02)
-        now_count = bench.activity()
+        now_count = await bench.all_activity()
         now = time.monotonic()
         if now_count != last:
             last, last_change = now_count, now
@@ -350,8 +362,12 @@ async def run_step(
 ) -> dict[str, Any]:
     """Send `rate` msg/s for `duration` s round-robin over senders, then drain."""
     idx, st = bench.new_step()
+    receivers = bench.receivers
+    if receivers is not None:
+        await receivers.begin_step(idx)
     total = max(1, round(rate * duration))
     cpu0, lg0 = bench.servers.cpu_seconds(), time.process_time()
+    rcpu0 = receivers.cpu_seconds() if receivers is not None else []
     t0 = time.monotonic()
     t0_ns = time.monotonic_ns()
     hard_end = t0 + duration * 1.5 + 1.0  # the pacer never runs much past its slot
@@ -369,21 +385,41 @@ async def run_step(
     t_send = time.monotonic()
     window = t_send - t0
     cpu1, lg1 = bench.servers.cpu_seconds(), time.process_time()
+    rcpu1 = receivers.cpu_seconds() if receivers is not None else []
     expected = sent * fanout
+
+    async def received() -> int:
+        if receivers is None:
+            return st.received
+        return st.received + (await receivers.progress(idx))[0]
+
     # Drain: until everything arrived, nothing arrived for a while, or the cap.
-    last, last_change = st.received, time.monotonic()
+    last, last_change = await received(), time.monotonic()
     while time.monotonic() - t_send < drain_cap:
-        if st.received >= expected and st.acks >= sent:
+        if last >= expected and st.acks >= sent:
             break
         await asyncio.sleep(0.01)
         now = time.monotonic()
-        if st.received != last:
-            last, last_change = st.received, now
+        count = await received()
+        if count != last:
+            last, last_change = count, now
         elif now - last_change > 0.5:
             break
     bench.current = None
-    span_s = max(window, (st.last_ns - t0_ns) / 1e9) if st.last_ns else window
-    lat = latency_summary(st.lat)
+    count, last_ns, lat, errors = st.received, st.last_ns, st.lat, st.errors
+    if receivers is not None:
+        far = await receivers.end_step(idx)
+        count += far["received"]
+        last_ns = max(last_ns, far["last_ns"])
+        lat = lat + far["lat"]
+        errors += far["errors"]
+        result_extra = {"lost_far": far["lost"]}
+    else:
+        result_extra = {}
+    span_s = max(window, (last_ns - t0_ns) / 1e9) if last_ns else window
+    # Per generator process: the busiest one is the one that may set the limit.
+    spent = [lg1 - lg0] + [b - a for a, b in zip(rcpu0, rcpu1, strict=True)]
+    lg_pct = [100 * v / window if window > 0 else 0.0 for v in spent]
     return {
         "offered_msgs_per_s": round(rate, 2),
         "offered_deliveries_per_s": round(rate * fanout, 1),
@@ -391,16 +427,18 @@ async def run_step(
         "sent": sent,
         "achieved_send_per_s": round(sent / window, 1) if window > 0 else None,
         "acked": st.acks,
-        "errors": st.errors,
+        "errors": errors,
         "expected": expected,
-        "received": st.received,
-        "delivery_ratio": round(st.received / expected, 5) if expected else None,
-        "delivered_per_s": round(st.received / span_s, 1) if span_s > 0 else 0.0,
-        "latency": lat,
+        "received": count,
+        "delivery_ratio": round(count / expected, 5) if expected else None,
+        "delivered_per_s": round(count / span_s, 1) if span_s > 0 else 0.0,
+        "latency": latency_summary(lat),
         "ack_latency": latency_summary(st.ack_lat),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1) if window > 0 else None,
-        "loadgen_cpu_pct": round(100 * (lg1 - lg0) / window, 1) if window > 0 else None,
+        "loadgen_cpu_pct": round(max(lg_pct), 1) if window > 0 else None,
+        "loadgen_cpu_pct_all": [round(v, 1) for v in lg_pct],
         "drain_s": round(time.monotonic() - t_send, 3),
+        **result_extra,
     }
 
 
@@ -429,9 +467,23 @@ async def user_count(client: Client, room: str, timeout: float) -> int | None:
 async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
     room = f"fan{bench.nonce}"
     n, timeout = p["clients"], p["timeout_s"]
-    clients, conn = await open_many(bench, n, lambda i: room, 50, timeout, 60)
-    result: dict[str, Any] = {"params": p, "room": room, "connect": conn, "steps": []}
+    spread = p.get("receiver_processes", 0)
+    result: dict[str, Any] = {"params": p, "room": room, "steps": []}
+    clients: list[Client] = []
+    if spread:
+        from receivers import Receivers, merge_connect_stats
+
+        bench.receivers = receivers = Receivers(bench, spread)
     try:
+        if spread:
+            # This process keeps the senders; the rest of the room reads elsewhere.
+            await receivers.start()
+            clients, here = await open_many(bench, p["senders"], lambda i: room, 50, timeout, 60)
+            there = await receivers.open(n - p["senders"], room, 50, timeout, 60)
+            conn = merge_connect_stats([here, there])
+        else:
+            clients, conn = await open_many(bench, n, lambda i: room, 50, timeout, 60)
+        result["connect"] = conn
         if conn["failed"]:
             raise RuntimeError(f"{conn['failed']} of {n} clients failed to connect")
         await settle(bench, 0.5, 10)  # let the joined/left flurry of the setup finish
@@ -455,21 +507,22 @@ async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[s
                 break
             # A server may drop clients it considers too slow; put them back in the room.
             lost = [i for i, c in enumerate(clients) if c.closed.done()]
-            if lost:
-                fresh, _ = await open_many(bench, len(lost), lambda i: room, 50, timeout, 30)
-                for i, c in zip(lost, fresh, strict=False):
-                    clients[i] = c
-                result["reconnects"] += len(fresh)
+            fresh, _ = await open_many(bench, len(lost), lambda i: room, 50, timeout, 30)
+            for i, c in zip(lost, fresh, strict=False):
+                clients[i] = c
+            lost_there, reopened = await receivers.restore() if spread else (0, 0)
+            if lost or lost_there:
+                result["reconnects"] += len(fresh) + reopened
                 log(
-                    f"  [{label}] fanout     {len(lost)} clients were disconnected, "
-                    f"{len(fresh)} reconnected"
+                    f"  [{label}] fanout     {len(lost) + lost_there} clients were disconnected, "
+                    f"{len(fresh) + reopened} reconnected"
                 )
-                if len(fresh) < len(lost):
+                if len(fresh) + reopened < len(lost) + lost_there:
                     raise RuntimeError("could not restore the room after disconnects")
                 await settle(bench, 0.3, 5)
             senders = clients[: p["senders"]]
             r = await run_step(bench, senders, rate, p["step_s"], fan, p["drain_s"])
-            r["clients_lost"] = sum(1 for c in clients if c.closed.done())
+            r["clients_lost"] = sum(1 for c in clients if c.closed.done()) + r.pop("lost_far", 0)
             p99 = r["latency"]["p99_ms"]
             ok = (r["delivery_ratio"] or 0) >= p["min_ratio"] and (
                 p99 is not None and p99 <= p["p99_limit_ms"]
@@ -501,6 +554,12 @@ async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[s
         result["saturated"] = hi is not None
     finally:
         await close_all(clients)
+        if spread:
+            bench.receivers = None
+            far = await receivers.stop()
+            bench.error_samples.update(far["error_samples"])
+            bench.other_frames.update(far["other_frames"])
+            bench.bad_frames += far["bad_frames"]
     return result
 
 
@@ -622,9 +681,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    raise_nofile()
-    spec = json.load(sys.stdin)
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop  # optional: noticeably cheaper per read on the receiving side
 
@@ -632,8 +689,13 @@ def main() -> None:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        result = runner.run(run(spec))
-    json.dump(result, sys.stdout)
+        return runner.run(main)
+
+
+def main() -> None:
+    raise_nofile()
+    spec = json.load(sys.stdin)
+    json.dump(run_event_loop(run(spec)), sys.stdout)
 
 
 if __name__ == "__main__":

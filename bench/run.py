@@ -26,6 +26,8 @@ from typing import Any
 from servers import BENCH_DIR, CONFIGS, REPO_ROOT, Deployment, StartError, raise_nofile
 
 FANOUT_BASE = {
+    # The room's readers, apart from its senders, are spread over this many processes.
+    "receiver_processes": 2,
     "min_ratio": 0.99,
     "p99_limit_ms": 200,
     "min_rate": 1,
@@ -706,6 +708,12 @@ def main() -> int:
         help="PostgreSQL admin connection used to create/drop the scratch database (*-2)",
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="for *-2")
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        default=FANOUT_BASE["receiver_processes"],
+        help="processes reading the fan-out room besides the load generator (0: it reads all)",
+    )
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     configs: list[str] = args.configs or MODES[mode]["configs"]
@@ -718,6 +726,7 @@ def main() -> int:
         require_loopback(args.redis_url)
     raise_nofile()  # inherited by the load generator and the servers
     params = scenario_params(mode)
+    params["fanout"]["receiver_processes"] = max(0, args.receivers)
     started = datetime.now(UTC)
     t0 = time.monotonic()
     log(f"chat bench, mode {mode}: {', '.join(configs)}")

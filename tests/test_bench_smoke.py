@@ -41,8 +41,13 @@ def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
         assert config["status"] == "ok", config
         fanout = config["scenarios"]["fanout"]
         assert fanout["steps"]
+        spread = fanout["params"]["receiver_processes"]
+        assert spread >= 1
+        assert fanout["connect"]["connected"] == fanout["params"]["clients"]
         for step in fanout["steps"]:
-            assert step["received"] > 0
+            # Counted across the load generator and its receiver processes: all of it.
+            assert step["received"] == step["expected"] > 0
+            assert len(step["loadgen_cpu_pct_all"]) == 1 + spread
             assert "delivery_ratio" in step
             assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= step["latency"].keys()
             assert step["errors"] == 0
