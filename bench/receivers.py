@@ -65,9 +65,12 @@ class Receivers:
         proc = self.procs[i]
         assert proc.stdin is not None and proc.stdout is not None
         async with self._locks[i]:
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
-            await proc.stdin.drain()
-            line = await asyncio.wait_for(proc.stdout.readline(), REPLY_TIMEOUT_S)
+            try:
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
+                await proc.stdin.drain()
+                line = await asyncio.wait_for(proc.stdout.readline(), REPLY_TIMEOUT_S)
+            except ConnectionError:
+                line = b""
         if not line:
             raise RuntimeError(f"receiver process {proc.pid} exited")
         reply: dict[str, Any] = json.loads(line)
@@ -145,6 +148,9 @@ class Receivers:
                     for k, v in r[key].items():
                         report[key][k] = report[key].get(k, 0) + v
                 report["bad_frames"] += r["bad_frames"]
+        except Exception as exc:
+            # Already failing (a receiver died or stopped answering): end them regardless.
+            report["error_samples"][f"receivers: {exc}"[:160]] = 1
         finally:
             for proc in self.procs:
                 if proc.stdin is not None:
