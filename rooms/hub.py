@@ -391,7 +391,7 @@ class Hub:
         events = self._to_publish.get(room_id)
         if events is None:
             events = self._to_publish[room_id] = []
-        if events and len(events[-1]["texts"]) < MAX_LAYER_TEXTS:
+        if events and len(events[-1]["texts"]) + len(texts) <= MAX_LAYER_TEXTS:
             events[-1]["texts"].extend(texts)
             events[-1]["skips"].extend(skips)
         else:

@@ -446,3 +446,22 @@ async def test_an_event_for_one_connection_is_not_sent_ahead_of_broadcasts_befor
     await direct
 
     assert [target for target, _ in layer.sent] == [group_name(1), "there"]
+
+
+async def test_a_layer_message_never_carries_more_than_its_cap(monkeypatch):
+    from rooms import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "MAX_LAYER_TEXTS", 3)
+    layer = SlowLayer()
+    hub = Hub(layer)
+    bodies = [{"n": n} for n in range(5)]
+
+    await asyncio.wait_for(hub.broadcast(1, bodies[0]), timeout=5)
+    await layer.publishing.wait()
+    await hub._fan_out(1, texts(*bodies[1:3]), [None, None])
+    await hub._fan_out(1, texts(*bodies[3:5]), [None, None])
+    layer.released.set()
+    await hub.published()
+
+    assert [len(sent_texts) for _, (sent_texts, _) in layer.sent] == [1, 2, 2]
+    assert [t for _, (sent_texts, _) in layer.sent for t in sent_texts] == texts(*bodies)
