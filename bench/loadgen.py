@@ -33,12 +33,13 @@ T = TypeVar("T")
 HOST = "127.0.0.1"
 PAD = "lorem ipsum dolor sit amet"
 # Every delivery is counted, but only every 8th one's latency is kept (the 1st, 9th, 17th...
-# of a step, in order of arrival, whatever their latency). One process reads every client, and
-# at the top of the ladder it is what falls behind first: parsing and keeping a timestamp for
-# each of 400,000+ deliveries a second made its own queueing a large part of the p99 it
-# reported (with two server processes, whose fewer and larger writes arrive as bursts, p99 at
-# 2,000 msg/s went from 218-256 ms to 134-161 ms with the sampling alone). Over the hundreds
-# of thousands of deliveries of a step, the percentiles of the sample are the step's.
+# of a step, in order of arrival, whatever their latency). When one process read every client
+# (as `--receivers 0` still does), it was what fell behind first at the top of the ladder:
+# parsing and keeping a timestamp for each of 400,000+ deliveries a second made its own
+# queueing a large part of the p99 it reported (with two server processes, whose fewer and
+# larger writes arrive as bursts, p99 at 2,000 msg/s went from 218-256 ms to 134-161 ms with
+# the sampling alone). Over the hundreds of thousands of deliveries of a step, the percentiles
+# of the sample are the step's.
 LATENCY_SAMPLE_MASK = 7
 
 
@@ -174,7 +175,7 @@ class Bench:
         """Grows with every frame any client receives, here or in a receiver process."""
         if self.receivers is None:
             return self.activity()
-        return self.activity() + (await self.receivers.progress(None))[2]
+        return self.activity() + (await self.receivers.progress(None))[1]
 
 
 class Client(WSClient):
@@ -326,6 +327,19 @@ async def open_many(
     return clients, stats
 
 
+async def reopen_closed(
+    bench: Bench, clients: list[Client], room: str, timeout: float
+) -> tuple[int, int]:
+    """Put clients a server closed back in the room, in their places: (closed, reopened)."""
+    closed = [i for i, c in enumerate(clients) if c.closed.done()]
+    if not closed:
+        return 0, 0
+    fresh, _ = await open_many(bench, len(closed), lambda i: room, 50, timeout, 30)
+    for i, c in zip(closed, fresh, strict=False):
+        clients[i] = c
+    return len(closed), len(fresh)
+
+
 async def close_all(clients: list[Client], timeout: float = 5.0) -> None:
     for c in clients:
         c.close(1000)
@@ -413,9 +427,6 @@ async def run_step(
         last_ns = max(last_ns, far["last_ns"])
         lat = lat + far["lat"]
         errors += far["errors"]
-        result_extra = {"lost_far": far["lost"]}
-    else:
-        result_extra = {}
     span_s = max(window, (last_ns - t0_ns) / 1e9) if last_ns else window
     # Per generator process: the busiest one is the one that may set the limit.
     spent = [lg1 - lg0] + [b - a for a, b in zip(rcpu0, rcpu1, strict=True)]
@@ -438,7 +449,6 @@ async def run_step(
         "loadgen_cpu_pct": round(max(lg_pct), 1) if window > 0 else None,
         "loadgen_cpu_pct_all": [round(v, 1) for v in lg_pct],
         "drain_s": round(time.monotonic() - t_send, 3),
-        **result_extra,
     }
 
 
@@ -506,23 +516,24 @@ async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[s
             if time.monotonic() > budget_end or not bench.servers.alive():
                 break
             # A server may drop clients it considers too slow; put them back in the room.
-            lost = [i for i, c in enumerate(clients) if c.closed.done()]
-            fresh, _ = await open_many(bench, len(lost), lambda i: room, 50, timeout, 30)
-            for i, c in zip(lost, fresh, strict=False):
-                clients[i] = c
-            lost_there, reopened = await receivers.restore() if spread else (0, 0)
-            if lost or lost_there:
-                result["reconnects"] += len(fresh) + reopened
+            lost, reopened = await reopen_closed(bench, clients, room, timeout)
+            if spread:
+                lost_there, reopened_there = await receivers.restore()
+                lost, reopened = lost + lost_there, reopened + reopened_there
+            if lost:
+                result["reconnects"] += reopened
                 log(
-                    f"  [{label}] fanout     {len(lost) + lost_there} clients were disconnected, "
-                    f"{len(fresh) + reopened} reconnected"
+                    f"  [{label}] fanout     {lost} clients were disconnected, "
+                    f"{reopened} reconnected"
                 )
-                if len(fresh) + reopened < len(lost) + lost_there:
+                if reopened < lost:
                     raise RuntimeError("could not restore the room after disconnects")
                 await settle(bench, 0.3, 5)
             senders = clients[: p["senders"]]
             r = await run_step(bench, senders, rate, p["step_s"], fan, p["drain_s"])
-            r["clients_lost"] = sum(1 for c in clients if c.closed.done()) + r.pop("lost_far", 0)
+            r["clients_lost"] = sum(1 for c in clients if c.closed.done()) + (
+                await receivers.lost() if spread else 0
+            )
             p99 = r["latency"]["p99_ms"]
             ok = (r["delivery_ratio"] or 0) >= p["min_ratio"] and (
                 p99 is not None and p99 <= p["p99_limit_ms"]

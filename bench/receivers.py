@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from loadgen import Bench, Client, close_all, open_many, raise_nofile, run_event_loop
+from loadgen import (
+    Bench,
+    Client,
+    close_all,
+    open_many,
+    raise_nofile,
+    reopen_closed,
+    run_event_loop,
+)
 
 # Each receiver gets client ids from its own range, so that no two clients share one.
 CID_RANGE = 1_000_000
@@ -104,25 +112,24 @@ class Receivers:
     async def begin_step(self, idx: int) -> None:
         await self.each({"op": "step", "idx": idx})
 
-    async def progress(self, idx: int | None) -> tuple[int, int, int]:
-        """Deliveries counted for step `idx`, the latest arrival (ns) and all frames so far."""
+    async def progress(self, idx: int | None) -> tuple[int, int]:
+        """Deliveries counted for step `idx` so far, and all frames received so far."""
         replies = await self.each({"op": "progress", "idx": idx})
-        return (
-            sum(r["received"] for r in replies),
-            max(r["last_ns"] for r in replies),
-            sum(r["activity"] for r in replies),
-        )
+        return sum(r["received"] for r in replies), sum(r["activity"] for r in replies)
 
     async def end_step(self, idx: int) -> dict[str, Any]:
-        """Stop the step; what each receiver counted, its latency samples and its errors."""
+        """Stop the step: what the receivers counted, their latency samples and errors."""
         replies = await self.each({"op": "end_step", "idx": idx})
         return {
             "received": sum(r["received"] for r in replies),
             "last_ns": max(r["last_ns"] for r in replies),
             "lat": [v for r in replies for v in r["lat"]],
             "errors": sum(r["errors"] for r in replies),
-            "lost": sum(r["lost"] for r in replies),
         }
+
+    async def lost(self) -> int:
+        """How many of the receivers' clients a server has closed."""
+        return sum(r["lost"] for r in await self.each({"op": "lost"}))
 
     async def restore(self) -> tuple[int, int]:
         """Reconnect the clients a server dropped: (lost, reconnected)."""
@@ -225,11 +232,7 @@ class Worker:
         if op == "progress":
             idx = req["idx"]
             st = bench.steps[idx] if idx is not None and idx < len(bench.steps) else None
-            return {
-                "received": st.received if st else 0,
-                "last_ns": st.last_ns if st else 0,
-                "activity": bench.activity(),
-            }
+            return {"received": st.received if st else 0, "activity": bench.activity()}
         if op == "end_step":
             st = bench.steps[req["idx"]]
             bench.current = None
@@ -238,14 +241,12 @@ class Worker:
                 "last_ns": st.last_ns,
                 "lat": st.lat,
                 "errors": st.errors,
-                "lost": sum(1 for c in self.clients if c.closed.done()),
             }
+        if op == "lost":
+            return {"lost": sum(1 for c in self.clients if c.closed.done())}
         if op == "restore":
-            lost = [i for i, c in enumerate(self.clients) if c.closed.done()]
-            fresh, _ = await open_many(bench, len(lost), lambda i: self.room, 50, self.timeout, 30)
-            for i, c in zip(lost, fresh, strict=False):
-                self.clients[i] = c
-            return {"lost": len(lost), "reopened": len(fresh)}
+            lost, reopened = await reopen_closed(bench, self.clients, self.room, self.timeout)
+            return {"lost": lost, "reopened": reopened}
         if op == "close":
             await close_all(self.clients)
             self.clients = []

@@ -15,7 +15,7 @@ import receivers  # noqa: E402
 
 
 def test_counts_start_at_zero_for_every_step() -> None:
-    async def scenario() -> tuple[tuple[int, int, int], dict[str, object]]:
+    async def scenario() -> tuple[tuple[int, int], dict[str, object], int]:
         pool = receivers.Receivers(loadgen.Bench([1], []), 2)
         await pool.start()
         try:
@@ -23,13 +23,15 @@ def test_counts_start_at_zero_for_every_step() -> None:
             await pool.begin_step(1)
             progress = await pool.progress(1)
             ended = await pool.end_step(1)
+            lost = await pool.lost()
         finally:
             await pool.stop()
-        return progress, ended
+        return progress, ended, lost
 
-    progress, ended = asyncio.run(scenario())
-    assert progress == (0, 0, 0)
-    assert ended == {"received": 0, "last_ns": 0, "lat": [], "errors": 0, "lost": 0}
+    progress, ended, lost = asyncio.run(scenario())
+    assert progress == (0, 0)
+    assert ended == {"received": 0, "last_ns": 0, "lat": [], "errors": 0}
+    assert lost == 0
 
 
 def test_a_bad_request_is_an_error_not_a_hang() -> None:
