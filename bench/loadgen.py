@@ -69,6 +69,20 @@ def latency_summary(values_ns: list[int]) -> dict[str, float | None]:
     }
 
 
+def host_clock() -> tuple[float, float]:
+    """(CPU time the hypervisor took from this machine, all CPU time), in seconds, summed
+    over its CPUs. On a virtual machine whose host is busy, "steal" is time the machine's
+    processes were ready to run and were not: everything here then runs slower, whatever it
+    is, and the figures measured meanwhile are the host's as much as the server's."""
+    t = psutil.cpu_times()
+    return getattr(t, "steal", 0.0), sum(t)
+
+
+def steal_pct(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    total = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / total, 1) if total > 0 else None
+
+
 class StepStats:
     __slots__ = ("ack_lat", "acks", "errors", "last_ns", "lat", "received")
 
@@ -380,7 +394,7 @@ async def run_step(
     if receivers is not None:
         await receivers.begin_step(idx)
     total = max(1, round(rate * duration))
-    cpu0, lg0 = bench.servers.cpu_seconds(), time.process_time()
+    cpu0, lg0, host0 = bench.servers.cpu_seconds(), time.process_time(), host_clock()
     rcpu0 = receivers.cpu_seconds() if receivers is not None else []
     t0 = time.monotonic()
     t0_ns = time.monotonic_ns()
@@ -398,7 +412,7 @@ async def run_step(
         await asyncio.sleep(max(0.001, (due / rate) - (time.monotonic() - t0)))
     t_send = time.monotonic()
     window = t_send - t0
-    cpu1, lg1 = bench.servers.cpu_seconds(), time.process_time()
+    cpu1, lg1, host1 = bench.servers.cpu_seconds(), time.process_time(), host_clock()
     rcpu1 = receivers.cpu_seconds() if receivers is not None else []
     expected = sent * fanout
 
@@ -448,6 +462,7 @@ async def run_step(
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1) if window > 0 else None,
         "loadgen_cpu_pct": round(max(lg_pct), 1) if window > 0 else None,
         "loadgen_cpu_pct_all": [round(v, 1) for v in lg_pct],
+        "host_steal_pct": steal_pct(host0, host1),
         "drain_s": round(time.monotonic() - t_send, 3),
     }
 
@@ -460,8 +475,8 @@ def fmt_step(label: str, name: str, r: dict[str, Any], ok: bool | None = None) -
         f"  [{label}] {name:<10} offered {r['offered_msgs_per_s']:>8.1f} msg/s "
         f"({r['offered_deliveries_per_s']:>9,.0f} deliv/s) -> {r['delivered_per_s']:>9,.0f}/s "
         f"ratio {r['delivery_ratio'] or 0:.3f} p99 {p99_text} ms "
-        f"err {r['errors']} | cpu server {r['server_cpu_pct']}% loadgen {r['loadgen_cpu_pct']}%"
-        f"{verdict}"
+        f"err {r['errors']} | cpu server {r['server_cpu_pct']}% loadgen {r['loadgen_cpu_pct']}% "
+        f"steal {r['host_steal_pct']}%{verdict}"
     )
 
 
@@ -585,6 +600,7 @@ def max_sustained(best: dict[str, Any] | None) -> dict[str, Any] | None:
         "latency": best["latency"],
         "server_cpu_pct": best["server_cpu_pct"],
         "loadgen_cpu_pct": best["loadgen_cpu_pct"],
+        "host_steal_pct": best.get("host_steal_pct"),
     }
 
 
@@ -615,7 +631,7 @@ async def scenario_idle(bench: Bench, label: str, p: dict[str, Any]) -> dict[str
     # Each client leaves Default for a small room at once: otherwise every connect
     # broadcasts `joined` to all earlier clients and the test becomes O(n^2) fan-out.
     rss0 = bench.servers.rss()
-    cpu0 = bench.servers.cpu_seconds()
+    cpu0, host0 = bench.servers.cpu_seconds(), host_clock()
     clients, conn = await open_many(
         bench,
         n,
@@ -624,7 +640,7 @@ async def scenario_idle(bench: Bench, label: str, p: dict[str, Any]) -> dict[str
         p["timeout_s"],
         p["deadline_s"],
     )
-    cpu1 = bench.servers.cpu_seconds()
+    cpu1, host1 = bench.servers.cpu_seconds(), host_clock()
     try:
         await asyncio.sleep(p["hold_s"])
         rss1 = bench.servers.rss()
@@ -644,6 +660,7 @@ async def scenario_idle(bench: Bench, label: str, p: dict[str, Any]) -> dict[str
         "rss_after_close_bytes": rss2,
         "kb_per_connection": round((rss1 - rss0) / connected / 1024, 2) if connected else None,
         "server_cpu_s_connecting": round(cpu1 - cpu0, 3),
+        "host_steal_pct": steal_pct(host0, host1),
     }
     log(
         f"  [{label}] idle       {connected}/{n} connections, "

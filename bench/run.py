@@ -106,6 +106,9 @@ MANY_ROOMS_BASE = {
     "timeout_s": 10,
 }
 LG_BUSY_PCT = 85
+# Above this share of the machine's CPU taken by its host (steal), a configuration's figures
+# describe the host's load as much as the server.
+STEAL_WARN_PCT = 10
 IDLE_BASE = {"room_size": 10, "concurrency": 64, "timeout_s": 10, "deadline_s": 60}
 
 
@@ -229,10 +232,21 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "many_rooms_p99_ms": get(rooms, "latency", "p99_ms"),
                 "idle_kb_per_conn": idle.get("kb_per_connection"),
                 "idle_connects_per_s": idle.get("connects_per_s"),
+                "host_steal_pct_max": max_steal(r),
                 "problems": problems,
             }
         )
     return rows
+
+
+def max_steal(result: dict[str, Any]) -> float | None:
+    """The most CPU the host took from the machine in any measured window of a configuration."""
+    scenarios = result.get("scenarios") or {}
+    fanout = scenarios.get("fanout") or {}
+    windows = [*(fanout.get("steps") or []), fanout.get("warmup")]
+    windows += [scenarios.get("many_rooms"), scenarios.get("idle")]
+    seen = [w.get("host_steal_pct") for w in windows if isinstance(w, dict)]
+    return max((v for v in seen if v is not None), default=None)
 
 
 def cpu_us_per_delivery(step: dict[str, Any]) -> float | None:
@@ -283,6 +297,12 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
     for row in rows:
         for problem in row["problems"]:
             log(f"  ! {row['config']}: {problem.splitlines()[0][:200]}")
+        steal = row.get("host_steal_pct_max")
+        if steal is not None and steal >= STEAL_WARN_PCT:
+            log(
+                f"  ! {row['config']}: the host took up to {steal:.0f}% of this machine's CPU "
+                "(steal) while it was measured: its figures are the host's as much as its own"
+            )
     log("")
     log(
         f"max deliv/s: measured deliveries/s of the highest fan-out step (1 room x {clients} "

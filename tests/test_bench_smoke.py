@@ -48,6 +48,7 @@ def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
             # Counted across the load generator and its receiver processes: all of it.
             assert step["received"] == step["expected"] > 0
             assert len(step["loadgen_cpu_pct_all"]) == 1 + spread
+            assert 0 <= step["host_steal_pct"] <= 100
             assert "delivery_ratio" in step
             assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= step["latency"].keys()
             assert step["errors"] == 0

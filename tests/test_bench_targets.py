@@ -408,3 +408,22 @@ def test_print_targets_in_smoke_mode(capsys: pytest.CaptureFixture[str]) -> None
     assert "none judged" in lines[1]
     assert lines[-1] == "targets: not judged in smoke mode (16 listed)"
     assert not any(line.split()[0] in ("met", "missed") for line in lines[2:-1])
+
+
+def test_a_configuration_measured_while_the_host_took_the_cpu_is_flagged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = full_run()
+    calm, busy = results[1], results[2]
+    for s in calm["scenarios"]["fanout"]["steps"]:
+        s["host_steal_pct"] = 2.0
+    busy["scenarios"]["fanout"]["steps"][1]["host_steal_pct"] = 52.0
+    busy["scenarios"]["idle"]["host_steal_pct"] = 7.5
+
+    rows = bench_run.summarize(results)
+    bench_run.print_table(rows, 200)
+    out = capsys.readouterr().out
+
+    assert [row["host_steal_pct_max"] for row in rows[:3]] == [None, 2.0, 52.0]
+    assert "uvicorn-1: the host took up to 52% of this machine's CPU (steal)" in out
+    assert "daphne-1: the host took" not in out
