@@ -177,6 +177,19 @@ def test_on_postgres_what_every_connection_runs_is_prepared_once_per_database_co
 
 
 @prepares
+def test_on_postgres_a_batch_of_messages_is_prepared_once_per_batch_size():
+    seat = connect("c1")
+    for text in ("one", "two"):
+        services.messages_create(
+            posts=[post_in(seat, "c1", seat.nick, f"{text} {i}") for i in range(3)],
+            check_presence=False,
+        )
+    values = ", ".join(["(%s, %s, %s, %s)"] * 3)
+    insert = _as_sent(f"{services._sql('postgresql')['post']} {values} RETURNING id")
+    assert _prepared_statements().count(insert) == 1
+
+
+@prepares
 def test_on_postgres_nothing_is_prepared_when_turned_off(monkeypatch):
     monkeypatch.setattr(connection.connection, "prepare_threshold", None)  # CHAT_DB_PREPARE=0
     connect("c1")
@@ -596,6 +609,23 @@ def test_messages_create_without_the_presence_check_stores_every_post():
     stored = services.messages_create(posts=posts, check_presence=False)
     assert [message.text for message in stored] == ["one", "two"]
     assert Message.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_of_messages_is_one_statement_that_commits_by_itself(monkeypatch):
+    seat = connect("c1")
+    commits = []
+    commit = connection.commit
+    monkeypatch.setattr(connection, "commit", lambda: (commits.append(1), commit()))
+    posts = [post_in(seat, "c1", seat.nick, f"m{i}") for i in range(3)]
+    with CaptureQueriesContext(connection) as queries:
+        stored = services.messages_create(posts=posts, check_presence=False)
+    table = connection.ops.quote_name(Message._meta.db_table)
+    assert [q["sql"].split(" (")[0] for q in queries] == [f"INSERT INTO {table}"]
+    assert commits == []  # autocommit: no transaction around it to commit
+    assert list(Message.objects.order_by("pk").values_list("pk", "text")) == [
+        (message.pk, message.text) for message in stored
+    ]
 
 
 def test_messages_create_of_a_batch_larger_than_one_statement_keeps_every_post_in_order():
