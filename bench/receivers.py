@@ -206,7 +206,7 @@ class Worker:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
         if op == "init":
-            self.bench = Bench(req["ports"], [], nonce=req["nonce"])
+            self.bench = Bench(req["ports"], [], nonce=req["nonce"], readers=True)
             self.bench.next_cid = req["first_cid"]
             return {}
         bench = self.bench
