@@ -16,7 +16,6 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from rooms import dbthread, protocol, selectors, services
 from rooms.hub import Hub, get_hub
 from rooms.limits import RateLimiter
-from rooms.models import Message
 from rooms.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -44,6 +43,8 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
 
     hub: Hub
     limiter: RateLimiter
+    max_frame_bytes: int
+    max_message_chars: int
     backlog: Callable[[], int] | None = None
     write_frame: Callable[[bytes], bool] | None = None
     abort: Callable[[], None] | None = None
@@ -140,6 +141,9 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
             burst=settings.CHAT_RATE_BURST,
             max_strikes=settings.CHAT_RATE_STRIKES,
         )
+        # Read once per connection rather than through Django's lazy settings on every frame.
+        self.max_frame_bytes = settings.CHAT_MAX_FRAME_BYTES
+        self.max_message_chars = settings.CHAT_MAX_MESSAGE_CHARS
         self.backlog = backlog_gauge(self.base_send, settings.CHAT_SEND_BACKLOG_BYTES)
         self.write_frame = frame_writer(self.base_send)
         self.abort = aborter(self.base_send)
@@ -156,7 +160,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
             await self.answered()
             await self.close(CLOSE_UNSUPPORTED_DATA)
             return
-        if _too_big(text, settings.CHAT_MAX_FRAME_BYTES):
+        if _too_big(text, self.max_frame_bytes):
             await self.answered()
             await self.close(CLOSE_TOO_BIG)
             return
@@ -214,7 +218,7 @@ class ChatConsumer(FrameGuard):
     seat: services.Seat | None = None
     # Posts waiting for their commit, in the order they came, with their texts; the head is
     # answered first (`_answer_posts`).
-    _posts: collections.deque[tuple[str, "asyncio.Future[Message]"]]
+    _posts: collections.deque[tuple[str, "asyncio.Future[services.StoredMessage]"]]
     # An answer that could not be queued at once, and is being sent; later ones wait for it.
     _answering: "asyncio.Task[None] | None" = None
     _posts_moved: asyncio.Event
@@ -386,7 +390,7 @@ class ChatConsumer(FrameGuard):
 
     async def chat_message(self, body: dict[str, Any]) -> None:
         assert self.seat is not None
-        text = protocol.message_text_from(body, settings.CHAT_MAX_MESSAGE_CHARS)
+        text = protocol.message_text_from(body, self.max_message_chars)
         if not self.hub.layer_healthy:
             # It could be stored but not delivered to the other processes' members.
             raise ProtocolError("chat_message", protocol.UNAVAILABLE)

@@ -31,7 +31,7 @@ from django.conf import settings
 
 from rooms import dbthread, protocol, services, serving
 from rooms.collector import CollectorPacer
-from rooms.models import Message, group_name
+from rooms.models import group_name
 from rooms.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Member(Socket, Protocol):
     async def on_direct(self, event: dict[str, Any]) -> None: ...
 
 
-Stored = list[tuple[services.Post, Message]]
+Stored = list[tuple[services.Post, services.StoredMessage]]
 # Frames for one socket (as one piece of bytes), and the texts and skips they were made from
 # (no skips: a reply to this socket alone, which may have no channel name, as /echo's have not).
 Chunk = tuple[bytes, list[str], list[str | None] | None]
@@ -88,16 +88,16 @@ class MessageWriter:
     def __init__(
         self, may_be_swept: Callable[[], bool], publish: Callable[[Stored], Awaitable[None]]
     ) -> None:
-        self._waiting: list[tuple[services.Post, asyncio.Future[Message]]] = []
+        self._waiting: list[tuple[services.Post, asyncio.Future[services.StoredMessage]]] = []
         self._draining: asyncio.Task[None] | None = None
         self._may_be_swept = may_be_swept
         self._publish = publish
 
-    def submit(self, post: services.Post) -> "asyncio.Future[Message]":
+    def submit(self, post: services.Post) -> "asyncio.Future[services.StoredMessage]":
         """Queue a message for the next batch. The future resolves once it is committed and
         published (NotConnected if the sender was swept); messages are stored in the order
         they were submitted."""
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[services.StoredMessage] = asyncio.get_running_loop().create_future()
         self._waiting.append((post, future))
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
