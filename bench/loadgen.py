@@ -231,6 +231,7 @@ class Client(WSClient):
         steps over the frame headers; the payloads are checked and counted by bytes.count,
         and only sampled ones are parsed.
         """
+        marker = self.bench.marker
         pos, n, frames = 0, len(data), 0
         while n - pos >= 4 and data[pos] == 0x81:  # a whole text frame, unmasked
             length = data[pos + 1]
@@ -242,12 +243,12 @@ class Client(WSClient):
                 break
             if end > n:
                 break
+            if data.count(marker, pos, end) != 1:
+                return data  # not a plain broadcast: a joined, a history page...
             pos = end
             frames += 1
-        # Each a broadcast of this step: one marker each, and each of them this step's.
-        if not frames or not data.count(st.marker, 0, pos) == frames == data.count(
-            self.bench.marker, 0, pos
-        ):
+        # Each a broadcast, and each of this step.
+        if not frames or data.count(st.marker, 0, pos) != frames:
             return data
         now = time.monotonic_ns()
         before = st.received

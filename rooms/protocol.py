@@ -6,7 +6,6 @@ must keep their exact keys and strings: clients written for it compare them. Key
 never removed or renamed.
 """
 
-import functools
 import json
 import re
 import unicodedata
@@ -182,12 +181,21 @@ def history_query_from(
     )
 
 
-# The messages of one batch share one created_at, formatted for each broadcast and each
-# acknowledgement; formatting was a few percent of a server process at the top of the fan-out.
-@functools.lru_cache(maxsize=64)
+# The last time formatted, by identity: the messages of one batch share one created_at object,
+# formatted for each broadcast and each acknowledgement, which was a few percent of a server
+# process at the top of the fan-out. (By identity, not equality: equal datetimes may differ in
+# zone or fold, and so in what they format to.)
+_last_formatted: tuple[datetime | None, str] = (None, "")
+
+
 def timestamp(value: datetime) -> str:
     """ISO 8601 in UTC with a Z, as `ts` is sent everywhere."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    global _last_formatted
+    last, text = _last_formatted
+    if value is not last:
+        text = value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        _last_formatted = (value, text)
+    return text
 
 
 def ok(action: str, message: str = "") -> dict[str, Any]:

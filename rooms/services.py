@@ -118,6 +118,9 @@ def _sql(vendor: str) -> dict[str, str]:
         # the same room, no presence); the transactions below then take over.
         relaxed = "relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
         statements |= {
+            "post_arrays": f"INSERT INTO {message} (room_id, author, text, created_at)"
+            " SELECT r, a, t, %s FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+            " WITH ORDINALITY AS u(r, a, t, n) ORDER BY n RETURNING id",
             "seat_now": f"WITH {relaxed} INSERT INTO {presence} (channel_name, process, worker,"
             " nick, nick_key, room_id) SELECT %s, %s, %s, %s, %s, r.id"
             f" FROM {room} r, relaxed WHERE r.name = %s ON CONFLICT DO NOTHING RETURNING room_id",
@@ -374,12 +377,12 @@ def messages_create(
     arrive together, which is what keeps the database off the hot path under load. A caller
     that knows its connections cannot have been swept may skip the check.
     """
-    if check_presence or len(posts) > _ROWS_PER_STATEMENT:
+    if check_presence or len(posts) > _ROWS_PER_STATEMENT or connection.in_atomic_block:
+        # Inside a caller's transaction, the savepoint keeps a failed batch from breaking it.
         return _messages_create_checked(posts=posts, check_presence=check_presence)
     # The hot path: one INSERT is a transaction of its own, so it runs in autocommit, one
-    # round trip on PostgreSQL where BEGIN, INSERT and COMMIT took three, and it is prepared
-    # once per batch size rather than parsed and planned for every batch. Its commit is as
-    # durable as any.
+    # round trip on PostgreSQL where BEGIN, INSERT and COMMIT took three, and prepared once
+    # rather than parsed and planned for every batch. Its commit is as durable as any.
     now = timezone.now()
     with prepared.cursor() as cursor:
         ids = _insert_messages(cursor, posts, now)
@@ -394,13 +397,14 @@ def _messages_create_checked(
     sql = _sql(connection.vendor)
     now = timezone.now()
     present: set[str] | None = None
-    with connection.cursor() as cursor:
-        if check_presence:
-            present = set()
+    if check_presence:
+        present = set()
+        with connection.cursor() as cursor:
             for chunk in _batches(senders):
                 cursor.execute(sql["present"] + ", ".join(["%s"] * len(chunk)) + ")", chunk)
                 present.update(row[0] for row in cursor.fetchall())
-        ids: list[int] = []
+    ids: list[int] = []
+    with prepared.cursor() as cursor:
         for chunk in _batches(_kept(posts, present)):
             ids.extend(_insert_messages(cursor, chunk, now))
     return _stored_all(posts, ids, now, present=present)
@@ -410,12 +414,27 @@ def _insert_messages(cursor, posts: list[Post], now) -> list[int]:
     """Insert up to _ROWS_PER_STATEMENT messages in one statement; their ids, in order."""
     # Plain SQL, as for presence: under load this runs for every batch, and building the
     # ORM's INSERT took twice as long as SQLite took to run it.
+    sql = _sql(connection.vendor)
     stamp = connection.ops.adapt_datetimefield_value(now)
-    values = ", ".join(["(%s, %s, %s, %s)"] * len(posts))
-    params = [v for p in posts for v in (p.room_id, p.author, p.text, stamp)]
-    cursor.execute(f"{_sql(connection.vendor)['post']} {values} RETURNING id", params)
-    # Rows come back in the order of VALUES, as Django's bulk_create also relies on.
-    return [row[0] for row in cursor.fetchall()]
+    if "post_arrays" in sql:
+        # One statement text for every batch size, so it is prepared once: a text per size
+        # would churn through psycopg's cache of prepared statements.
+        cursor.execute(
+            sql["post_arrays"],
+            [
+                stamp,
+                [p.room_id for p in posts],
+                [p.author for p in posts],
+                [p.text for p in posts],
+            ],
+        )
+    else:
+        values = ", ".join(["(%s, %s, %s, %s)"] * len(posts))
+        params = [v for p in posts for v in (p.room_id, p.author, p.text, stamp)]
+        cursor.execute(f"{sql['post']} {values} RETURNING id", params)
+    # The rows are inserted in the order given, so their ids rise in that order, whatever
+    # order RETURNING hands them back in.
+    return sorted(row[0] for row in cursor.fetchall())
 
 
 def _kept(posts: list[Post], present: set[str] | None) -> list[Post]:

@@ -78,13 +78,13 @@ class Client(loadgen.Client):
         super().on_text(payload, now_ns)
 
 
-def feed(readers: bool, pieces: list[bytes]) -> tuple[dict[str, object], int]:
+def feed(readers: bool, pieces: list[bytes], steps: int = 2) -> tuple[dict[str, object], int]:
     """What a client fed `pieces` counted, and how many frames it parsed one by one."""
 
     async def scenario() -> tuple[dict[str, object], int]:
         bench = loadgen.Bench([1], [], nonce=NONCE, readers=readers)
-        bench.new_step()
-        _, step = bench.new_step()
+        for _ in range(steps):
+            _, step = bench.new_step()
         client = Client("127.0.0.1", 1, "/chat", bench, 1)
         client._handshaking = False
         transport = Transport()
@@ -133,3 +133,29 @@ def test_the_quick_count_samples_the_same_deliveries_across_reads() -> None:
     assert quick == exact
     assert parsed_quick == 0
     assert quick["lat"][1] == [i for i in range(100) if i % 8 == 0]
+
+
+def test_a_frame_without_a_marker_and_one_with_two_are_not_taken_for_two_broadcasts() -> None:
+    joined = frame(json.dumps({"action": "joined", "user": "x"}).encode())
+    two = json.dumps(
+        {"action": "chat_message", "message": f"~b{NONCE}~1~5~1~{NOW_NS}~~b{NONCE}~1~"}
+    )
+    pieces = [joined + frame(two.encode()) + broadcast(1, 3, 1, NOW_NS - 5)]
+    (quick, _), (exact, _) = feed(True, pieces), feed(False, pieces)
+    assert quick == exact
+    assert exact["received"] == [0, 2]
+    assert exact["other_frames"] == {"joined": 1}
+
+
+def test_long_frames_and_two_digit_steps_are_counted_alike() -> None:
+    # Step 11 follows step 1's marker with a digit; frames of 300+ bytes have a length's high
+    # byte set.
+    data = b"".join(
+        broadcast(step, 2, i, NOW_NS - i, pad="x" * (200 + 37 * i))
+        for i, step in enumerate([11, 11, 1, 11, 11, 11])
+    )
+    for size in (5, 333, len(data)):
+        pieces = chunks(data, size)
+        (quick, _), (exact, _) = feed(True, pieces, steps=12), feed(False, pieces, steps=12)
+        assert quick == exact
+        assert exact["received"][1] == 1 and exact["received"][11] == 5

@@ -177,16 +177,18 @@ def test_on_postgres_what_every_connection_runs_is_prepared_once_per_database_co
 
 
 @prepares
-def test_on_postgres_a_batch_of_messages_is_prepared_once_per_batch_size():
+def test_on_postgres_messages_are_stored_by_one_prepared_statement_whatever_the_batch_size():
     seat = connect("c1")
-    for text in ("one", "two"):
+    for size in (1, 3, 2, 7):
         services.messages_create(
-            posts=[post_in(seat, "c1", seat.nick, f"{text} {i}") for i in range(3)],
+            posts=[post_in(seat, "c1", seat.nick, f"{size}/{i}") for i in range(size)],
             check_presence=False,
         )
-    values = ", ".join(["(%s, %s, %s, %s)"] * 3)
-    insert = _as_sent(f"{services._sql('postgresql')['post']} {values} RETURNING id")
+    insert = _as_sent(services._sql("postgresql")["post_arrays"])
     assert _prepared_statements().count(insert) == 1
+    assert list(Message.objects.order_by("pk").values_list("text", flat=True)) == [
+        f"{size}/{i}" for size in (1, 3, 2, 7) for i in range(size)
+    ]
 
 
 @prepares
@@ -627,6 +629,18 @@ def test_a_batch_of_messages_is_one_statement_that_commits_by_itself(monkeypatch
         (message.pk, post.text, message.created_at)
         for post, message in zip(posts, stored, strict=True)
     ]
+
+
+def test_a_batch_that_fails_inside_a_transaction_leaves_that_transaction_usable():
+    seat = connect("c1")
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):
+            services.messages_create(
+                posts=[post_in(seat, "c1", seat.nick, None)],  # type: ignore[arg-type]
+                check_presence=False,
+            )
+        assert Presence.objects.filter(channel_name="c1").exists()
+    assert not Message.objects.exists()
 
 
 def test_messages_create_of_a_batch_larger_than_one_statement_keeps_every_post_in_order():
