@@ -86,12 +86,18 @@ class MessageWriter:
     before its senders are answered."""
 
     def __init__(
-        self, may_be_swept: Callable[[], bool], publish: Callable[[Stored], Awaitable[None]]
+        self,
+        may_be_swept: Callable[[], bool],
+        publish: Callable[[Stored], Awaitable[None]],
+        *,
+        interval: float = 0.0,
     ) -> None:
         self._waiting: list[tuple[services.Post, asyncio.Future[services.StoredMessage]]] = []
         self._draining: asyncio.Task[None] | None = None
         self._may_be_swept = may_be_swept
         self._publish = publish
+        self.interval = interval
+        self._last_batch = -interval
 
     def submit(self, post: services.Post) -> "asyncio.Future[services.StoredMessage]":
         """Queue a message for the next batch. The future resolves once it is committed and
@@ -110,8 +116,19 @@ class MessageWriter:
             await asyncio.wait({draining}, timeout=timeout)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._waiting:
+                # Every batch costs the same whatever its size (a commit, a layer message for
+                # the other processes, a write to every member of the room, in each process),
+                # so under load fewer and larger batches: two processes sharing one room each
+                # committed a batch as often as one process alone, and spent a third more CPU
+                # on the same messages than with the interval. A message that comes after a
+                # quiet spell does not wait.
+                wait = self._last_batch + self.interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._last_batch = loop.time()
                 batch = self._waiting[:MAX_BATCH]
                 del self._waiting[:MAX_BATCH]
                 try:
@@ -156,7 +173,9 @@ class Hub:
         self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
-        self.writer = MessageWriter(self.may_be_swept, self.publish)
+        self.writer = MessageWriter(
+            self.may_be_swept, self.publish, interval=settings.CHAT_COMMIT_INTERVAL_MS / 1000
+        )
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0

@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer
 
 from rooms import protocol, services
-from rooms.hub import Hub
+from rooms.hub import Hub, MessageWriter
 from rooms.models import Room, group_name
 from rooms.serving import text_frame
 
@@ -465,3 +465,56 @@ async def test_a_layer_message_never_carries_more_than_its_cap(monkeypatch):
 
     assert [len(sent_texts) for _, (sent_texts, _) in layer.sent] == [1, 2, 2]
     assert [t for _, (sent_texts, _) in layer.sent for t in sent_texts] == texts(*bodies)
+
+
+class FakeDatabase:
+    """Stands in for the database thread: stores each batch at once and remembers it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def run(self, fn: Any, /, **kwargs: Any) -> list[services.StoredMessage]:
+        posts = kwargs["posts"]
+        self.batches.append([post.text for post in posts])
+        first = sum(map(len, self.batches[:-1]))
+        return [
+            services.StoredMessage(pk=first + i + 1, created_at=None)  # type: ignore[arg-type]
+            for i in range(len(posts))
+        ]
+
+
+def post(text: str) -> services.Post:
+    return services.Post(channel_name="c", room_id=1, room_name="r", author="a", text=text)
+
+
+async def published(_: object) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("interval", "batches"), [(0.0, [["a"], ["b"], ["c"]]), (0.05, [["a"], ["b", "c"]])]
+)
+async def test_under_load_posts_wait_for_the_commit_interval_and_go_together(
+    monkeypatch: pytest.MonkeyPatch, interval: float, batches: list[list[str]]
+) -> None:
+    database = FakeDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    writer = MessageWriter(lambda: False, published, interval=interval)
+    await writer.submit(post("a"))
+    second = writer.submit(post("b"))
+    for _ in range(5):  # let the writer take "b" now, if it is not to wait
+        await asyncio.sleep(0)
+    third = writer.submit(post("c"))
+    assert [(await second).pk, (await third).pk] == [2, 3]
+    assert database.batches == batches
+
+
+async def test_a_post_after_a_quiet_spell_does_not_wait_for_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = FakeDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    writer = MessageWriter(lambda: False, published, interval=3600.0)
+    stored = await asyncio.wait_for(writer.submit(post("alone")), timeout=5)
+    assert stored.pk == 1
+    assert database.batches == [["alone"]]
