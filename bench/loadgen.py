@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
-from wsclient import WSClient, connect
+from wsclient import WSClient, connect, frame_bounds
 
 if TYPE_CHECKING:
     from receivers import Receivers
@@ -233,16 +233,11 @@ class Client(WSClient):
         """
         marker = self.bench.marker
         pos, n, frames = 0, len(data), 0
-        while n - pos >= 4 and data[pos] == 0x81:  # a whole text frame, unmasked
-            length = data[pos + 1]
-            if length < 126:
-                end = pos + 2 + length
-            elif length == 126:
-                end = pos + 4 + ((data[pos + 2] << 8) | data[pos + 3])
-            else:
+        while pos < n and data[pos] == 0x81:  # a final text frame
+            bounds = frame_bounds(data, pos, n)
+            if bounds is None:
                 break
-            if end > n:
-                break
+            end = bounds[1]
             if data.count(marker, pos, end) != 1:
                 return data  # not a plain broadcast: a joined, a history page...
             pos = end

@@ -50,6 +50,28 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
     return header + key + _mask(key, payload)
 
 
+def frame_bounds(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
+    """Where the payload of the unmasked frame at `pos` starts and where the frame ends, or
+    None if the first `n` bytes of `data` do not hold all of it yet."""
+    if n - pos < 2:
+        return None
+    length = data[pos + 1] & 0x7F
+    if length < 126:
+        start = pos + 2
+    elif length == 126:
+        if n - pos < 4:
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        start = pos + 4
+    else:
+        if n - pos < 10:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        start = pos + 10
+    end = start + length
+    return (start, end) if end <= n else None
+
+
 class WSClient(asyncio.Protocol):
     """Client protocol; create with ``connect()``."""
 
@@ -107,24 +129,9 @@ class WSClient(asyncio.Protocol):
             data = data[end + 4 :]
         now = monotonic_ns()  # one clock read per read(): frames in it arrived together
         pos, n = 0, len(data)
-        while n - pos >= 2:
+        while (bounds := frame_bounds(data, pos, n)) is not None:
             b0 = data[pos]
-            length = data[pos + 1] & 0x7F
-            if length < 126:
-                start = pos + 2
-            elif length == 126:
-                if n - pos < 4:
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
-                start = pos + 4
-            else:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                start = pos + 10
-            end = start + length
-            if end > n:
-                break
+            start, end = bounds
             pos = end
             if b0 == 0x81:  # the common case: one final text frame
                 self.on_text(data[start:end], now)
