@@ -15,6 +15,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -97,7 +98,7 @@ class MessageWriter:
         self._may_be_swept = may_be_swept
         self._publish = publish
         self.interval = interval
-        self._last_batch = -interval
+        self._last_batch = -math.inf  # the first batch does not wait
 
     def submit(self, post: services.Post) -> "asyncio.Future[services.StoredMessage]":
         """Queue a message for the next batch. The future resolves once it is committed and
