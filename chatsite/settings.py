@@ -227,9 +227,13 @@ CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
 # A reader with more than this many bytes unsent is disconnected (1008) rather than buffered
 # for without bound or allowed to slow its room down.
 CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
-# Under sustained load a process commits a batch of messages at most once per this many
-# milliseconds (0: as soon as the previous commit is through); a message alone waits for none.
-CHAT_COMMIT_INTERVAL_MS = env_float("CHAT_COMMIT_INTERVAL_MS", 10.0)
+# Under sustained load a process commits a batch of messages, and writes to each socket, at most
+# once per interval: CHAT_BATCH_INTERVAL_MS while the messages it fans out come slowly,
+# stretching with their rate to CHAT_BATCH_INTERVAL_MAX_MS at CHAT_BATCH_FULL_RATE messages per
+# second (rooms/hub.py, Pace). A message after a quiet spell waits for none.
+CHAT_BATCH_INTERVAL_MS = env_float("CHAT_BATCH_INTERVAL_MS", 10.0)
+CHAT_BATCH_INTERVAL_MAX_MS = env_float("CHAT_BATCH_INTERVAL_MAX_MS", 40.0)
+CHAT_BATCH_FULL_RATE = env_float("CHAT_BATCH_FULL_RATE", 2000.0)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
 # Long-lived objects are frozen out of the garbage collector's way once this many accumulate
 # (0: only what is loaded at startup), and everything is collected once every

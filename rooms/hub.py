@@ -74,9 +74,59 @@ class Member(Socket, Protocol):
 
 
 Stored = list[tuple[services.Post, services.StoredMessage]]
+
+
 # Frames for one socket (as one piece of bytes), and the texts and skips they were made from
 # (no skips: a reply to this socket alone, which may have no channel name, as /echo's have not).
 Chunk = tuple[bytes, list[str], list[str | None] | None]
+
+
+class Pace:
+    """How long a process lets work gather, under load, before it commits a batch or writes to
+    its sockets: `base` while the messages it fans out come slowly, stretching in proportion
+    to their rate up to `longest`, which it reaches at `full_rate` messages per second.
+
+    Every batch costs the same whatever its size (a commit, a layer message and its receipt,
+    and a write to every member of the room, in each process), so that cost per second is set
+    by the interval, not by the load. While the load is light the machine has CPU to spare, and
+    a short interval spends it on latency; under heavy load every batch fewer is CPU for the
+    messages, and tens of milliseconds more go unnoticed. (PostgreSQL's `commit_delay` waits
+    only while enough other transactions are active, for the same reason.)
+    """
+
+    # The rate is measured over windows this long, each averaged with the one before.
+    WINDOW = 0.1
+
+    def __init__(self, base: float, longest: float, full_rate: float) -> None:
+        self.base = base
+        self.longest = max(base, longest)
+        self.full_rate = full_rate
+        self.rate = 0.0
+        self._counted = 0
+        self._window_start = -math.inf
+
+    def count(self, messages: int, now: float) -> None:
+        """Note messages fanned out by this process."""
+        self._roll(now)
+        self._counted += messages
+
+    def interval(self, now: float) -> float:
+        self._roll(now)
+        if self.full_rate <= 0:
+            return self.base
+        return min(self.longest, max(self.base, self.longest * self.rate / self.full_rate))
+
+    def _roll(self, now: float) -> None:
+        elapsed = now - self._window_start
+        if elapsed < self.WINDOW:
+            return
+        if elapsed > 4 * self.WINDOW:
+            # After a quiet spell the earlier rate says nothing.
+            self.rate = self._counted / elapsed if math.isfinite(elapsed) else 0.0
+        else:
+            self.rate = (self.rate + self._counted / elapsed) / 2
+        self._counted = 0
+        self._window_start = now
 
 
 class MessageWriter:
@@ -91,13 +141,13 @@ class MessageWriter:
         may_be_swept: Callable[[], bool],
         publish: Callable[[Stored], Awaitable[None]],
         *,
-        interval: float = 0.0,
+        pace: Pace,
     ) -> None:
         self._waiting: list[tuple[services.Post, asyncio.Future[services.StoredMessage]]] = []
         self._draining: asyncio.Task[None] | None = None
         self._may_be_swept = may_be_swept
         self._publish = publish
-        self.interval = interval
+        self.pace = pace
         self._last_batch = -math.inf  # the first batch does not wait
 
     def submit(self, post: services.Post) -> "asyncio.Future[services.StoredMessage]":
@@ -120,13 +170,10 @@ class MessageWriter:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                # Every batch costs the same whatever its size (a commit, a layer message for
-                # the other processes, a write to every member of the room, in each process),
-                # so under load fewer and larger batches: two processes sharing one room each
-                # committed a batch as often as one process alone, and spent a third more CPU
-                # on the same messages than with the interval. A message that comes after a
-                # quiet spell does not wait.
-                wait = self._last_batch + self.interval - loop.time()
+                # Under load, fewer and larger batches (see `Pace`); a message that comes after
+                # a quiet spell does not wait.
+                now = loop.time()
+                wait = self._last_batch + self.pace.interval(now) - now
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self._last_batch = loop.time()
@@ -174,19 +221,25 @@ class Hub:
         self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
-        self.writer = MessageWriter(
-            self.may_be_swept, self.publish, interval=settings.CHAT_COMMIT_INTERVAL_MS / 1000
+        self.pace = Pace(
+            base=settings.CHAT_BATCH_INTERVAL_MS / 1000,
+            longest=settings.CHAT_BATCH_INTERVAL_MAX_MS / 1000,
+            full_rate=settings.CHAT_BATCH_FULL_RATE,
         )
+        self.writer = MessageWriter(self.may_be_swept, self.publish, pace=self.pace)
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0
         self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
-        # Frames waiting for the end of this turn of the event loop, by socket (`_deliver`,
-        # `reply`).
+        # Frames waiting to be written, by socket (`_deliver`, `reply`), and the sockets with a
+        # reply among them, which go out at the end of this turn of the event loop.
         self._outbox: dict[Member, list[Chunk]] = {}
+        self._replied: set[Member] = set()
         self._flush_handle: asyncio.Handle | None = None
+        self._replies_handle: asyncio.Handle | None = None
+        self._last_flush = -math.inf
         self._sending: dict[Member, asyncio.Future[None]] = {}
         # Characters handed to a socket's chain of server sends and not yet taken by it: the
         # backlog of a socket the hub cannot write to itself, seen from this side.
@@ -481,14 +534,16 @@ class Hub:
         """Hand texts, in order, to this process's members of a room; each text skips the
         member named beside it.
 
-        Frames for sockets the hub may write to directly wait in the outbox until the end of
-        this turn of the event loop (`_flush`): whatever else reaches the same socket in the
-        same turn - other batches, other processes' messages - goes out in the same write.
-        Nothing waits longer than that turn.
+        Frames for sockets the hub may write to directly wait in the outbox (`_flush`): after a
+        quiet spell only until the end of this turn of the event loop, under load until the
+        interval (`Pace`) since the previous write is over. Whatever else reaches the same
+        socket meanwhile - this process's next batch, other processes' messages, replies -
+        goes out in the same write.
         """
         local = self.rooms.get(room_id)
         if not local:
             return
+        self.pace.count(len(texts), asyncio.get_running_loop().time())
         limit = self.backlog_limit
         unsent = self._unsent
         frames = [serving.text_frame(text.encode()) for text in texts]
@@ -512,36 +567,59 @@ class Hub:
                 data = b"".join(_texts_for(channel_name, frames, skips))
                 if not data:
                     continue
-            self._queue(member, (data, texts, skips))
+            self._queue(member, (data, texts, skips), reply=False)
 
     def reply(self, member: Member, text: str) -> bool:
         """Queue one text for one socket, behind what already waits for it in the outbox;
         False where the hub does not write to that socket itself, or a send of the server's
         to it is still in flight (the caller then sends after `flush_to`).
 
-        A reply and the broadcasts around it then go out in one write at the end of this
-        turn of the event loop, framed here rather than by the server.
+        A reply does not wait for the interval: it goes out at the end of this turn of the
+        event loop, with the broadcasts that wait for the same socket ahead of it, in one
+        write, framed here rather than by the server.
         """
         if member.write_frame is None or member in self._sending:
             return False
-        self._queue(member, (serving.text_frame(text.encode()), [text], None))
+        self._queue(member, (serving.text_frame(text.encode()), [text], None), reply=True)
         return True
 
-    def _queue(self, member: Member, chunk: Chunk) -> None:
-        """Put frames for one socket in the outbox, to go out at the end of this turn."""
+    def _queue(self, member: Member, chunk: Chunk, *, reply: bool) -> None:
+        """Put frames for one socket in the outbox."""
         chunks = self._outbox.get(member)
         if chunks is None:
             self._outbox[member] = chunks = []
         chunks.append(chunk)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        loop = asyncio.get_running_loop()
+        if reply:
+            self._replied.add(member)
+            if self._replies_handle is None:
+                self._replies_handle = loop.call_soon(self._flush_replies)
+        elif self._flush_handle is None:
+            now = loop.time()
+            due = self._last_flush + self.pace.interval(now)
+            if due <= now:
+                self._flush_handle = loop.call_soon(self._flush)
+            else:
+                self._flush_handle = loop.call_at(due, self._flush)
 
     def _flush(self) -> None:
         """Write what the outbox holds: one write per socket."""
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
         outbox, self._outbox = self._outbox, {}
         for member, chunks in outbox.items():
             self._write(member, chunks)
+
+    def _flush_replies(self) -> None:
+        """Write what the outbox holds for the sockets that have a reply in it."""
+        self._replies_handle = None
+        replied, self._replied = self._replied, set()
+        for member in replied:
+            chunks = self._outbox.pop(member, None)
+            if chunks is not None:
+                self._write(member, chunks)
 
     def _write(self, member: Member, chunks: list[Chunk]) -> None:
         data = chunks[0][0] if len(chunks) == 1 else b"".join(chunk[0] for chunk in chunks)

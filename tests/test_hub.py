@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer
 
 from rooms import protocol, services
-from rooms.hub import Hub, MessageWriter
+from rooms.hub import Hub, MessageWriter, Pace
 from rooms.models import Room, group_name
 from rooms.serving import text_frame
 
@@ -54,8 +54,18 @@ def seated(*channel_names: str) -> int:
     return room.pk
 
 
-async def hub_with(*members: Writer, room_id: int) -> Hub:
+def unpaced(hub: Hub) -> Hub:
+    """Take the interval out of the way of tests about what goes out in one turn."""
+    hub.pace.base = hub.pace.longest = 0.0
+    return hub
+
+
+async def hub_with(*members: Writer, room_id: int, pace: Pace | None = None) -> Hub:
     hub = Hub(InMemoryChannelLayer())
+    if pace is None:
+        unpaced(hub)
+    else:
+        hub.pace = hub.writer.pace = pace
     for member in members:
         hub.attach(member)
         await hub.enter(member, room_id)
@@ -499,7 +509,7 @@ async def test_under_load_posts_wait_for_the_commit_interval_and_go_together(
 ) -> None:
     database = FakeDatabase()
     monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
-    writer = MessageWriter(lambda: False, published, interval=interval)
+    writer = MessageWriter(lambda: False, published, pace=Pace(interval, interval, 0))
     await writer.submit(post("a"))
     second = writer.submit(post("b"))
     for _ in range(5):  # let the writer take "b" now, if it is not to wait
@@ -514,7 +524,86 @@ async def test_a_post_after_a_quiet_spell_does_not_wait_for_the_interval(
 ) -> None:
     database = FakeDatabase()
     monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
-    writer = MessageWriter(lambda: False, published, interval=3600.0)
+    writer = MessageWriter(lambda: False, published, pace=Pace(3600.0, 3600.0, 0))
     stored = await asyncio.wait_for(writer.submit(post("alone")), timeout=5)
     assert stored.pk == 1
     assert database.batches == [["alone"]]
+
+
+def test_the_interval_stays_short_while_messages_come_slowly() -> None:
+    pace = Pace(base=0.01, longest=0.04, full_rate=2000)
+    now = 0.0
+    for _ in range(20):  # 40 messages per 0.1 s: 400 a second
+        pace.count(40, now)
+        now += 0.1
+    assert pace.rate == pytest.approx(400, rel=0.01)
+    assert pace.interval(now) == 0.01
+
+
+def test_the_interval_stretches_with_the_rate_up_to_the_longest() -> None:
+    pace = Pace(base=0.01, longest=0.04, full_rate=2000)
+    now = 0.0
+    for _ in range(20):  # 1,000 a second
+        pace.count(100, now)
+        now += 0.1
+    assert pace.interval(now) == pytest.approx(0.02, rel=0.01)
+    for _ in range(20):  # 5,000 a second
+        pace.count(500, now)
+        now += 0.1
+    assert pace.interval(now) == 0.04
+
+
+def test_a_quiet_spell_brings_the_interval_back_at_once() -> None:
+    pace = Pace(base=0.01, longest=0.04, full_rate=2000)
+    now = 0.0
+    for _ in range(20):
+        pace.count(500, now)
+        now += 0.1
+    assert pace.interval(now) == 0.04
+    assert pace.interval(now + 5.0) == 0.01
+
+
+class Recorder(Writer):
+    """A Writer that lets a test await its next write instead of sleeping for it."""
+
+    def __init__(self, channel_name: str) -> None:
+        super().__init__(channel_name)
+        self.written = asyncio.Event()
+
+    def write_frame(self, data: bytes) -> bool:
+        self.written.set()
+        return super().write_frame(data)
+
+
+async def test_under_load_broadcasts_to_a_socket_wait_for_the_interval_and_go_together():
+    ann = Recorder("ann")
+    hub = await hub_with(ann, room_id=7, pace=Pace(0.05, 0.05, 0))
+
+    await hub.broadcast(7, {"n": 1})
+    await next_turn()
+    assert ann.writes == [frame_of({"n": 1})]  # after a quiet spell: at once
+
+    ann.written.clear()
+    await hub.broadcast(7, {"n": 2})
+    await hub.broadcast(7, {"n": 3})
+    await next_turn()
+    assert ann.writes == [frame_of({"n": 1})]  # within the interval: waiting
+
+    await asyncio.wait_for(ann.written.wait(), timeout=5)
+    assert ann.writes == [frame_of({"n": 1}), frame_of({"n": 2}) + frame_of({"n": 3})]
+
+
+async def test_a_reply_does_not_wait_for_the_interval_nor_overtake_a_broadcast():
+    ann = Recorder("ann")
+    hub = await hub_with(ann, room_id=7, pace=Pace(3600.0, 3600.0, 0))
+    await hub.broadcast(7, {"n": 1})
+    await next_turn()
+
+    await hub.broadcast(7, {"n": 2})
+    assert hub.reply(ann, protocol.encode({"reply": True}))
+    await next_turn()
+
+    assert ann.writes == [
+        frame_of({"n": 1}),
+        frame_of({"n": 2}) + frame_of({"reply": True}),
+    ]
