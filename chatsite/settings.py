@@ -4,6 +4,7 @@ With no configuration the server runs as one process on SQLite and the in-memory
 Set REDIS_URL and DATABASE_URL to run many processes on Redis and PostgreSQL.
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -31,13 +32,18 @@ def env_int(name: str, default: int) -> int:
 
 
 def env_float(name: str, default: float) -> float:
+    """A count, rate or duration: a finite number, zero or more."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return float(value)
-    except ValueError as exc:
-        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from exc
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    # float() also takes "nan" and "inf", which would stall or spin whatever they pace.
+    if not (math.isfinite(number) and number >= 0):
+        raise ImproperlyConfigured(f"{name} must be a number, 0 or more, got {value!r}")
+    return number
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -231,6 +237,10 @@ CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
 # once per interval: CHAT_BATCH_INTERVAL_MS while the messages it fans out come slowly,
 # stretching with their rate to CHAT_BATCH_INTERVAL_MAX_MS at CHAT_BATCH_FULL_RATE messages per
 # second (rooms/hub.py, Pace). A message after a quiet spell waits for none.
+if "CHAT_COMMIT_INTERVAL_MS" in os.environ:
+    raise ImproperlyConfigured(
+        "CHAT_COMMIT_INTERVAL_MS is now CHAT_BATCH_INTERVAL_MS (it paces socket writes too)"
+    )
 CHAT_BATCH_INTERVAL_MS = env_float("CHAT_BATCH_INTERVAL_MS", 10.0)
 CHAT_BATCH_INTERVAL_MAX_MS = env_float("CHAT_BATCH_INTERVAL_MAX_MS", 40.0)
 CHAT_BATCH_FULL_RATE = env_float("CHAT_BATCH_FULL_RATE", 2000.0)

@@ -82,9 +82,11 @@ Chunk = tuple[bytes, list[str], list[str | None] | None]
 
 
 class Pace:
-    """How long a process lets work gather, under load, before it commits a batch or writes to
-    its sockets: `base` while the messages it fans out come slowly, stretching in proportion
-    to their rate up to `longest`, which it reaches at `full_rate` messages per second.
+    """How long a process lets messages gather, under load, before it commits a batch: `base`
+    while the messages it fans out come slowly, stretching in proportion to their rate up to
+    `longest`, which it reaches at `full_rate` messages per second. By as much as the load
+    stretches it, the process also holds back its writes to each socket, so that its own
+    batches and other processes' go out together.
 
     Every batch costs the same whatever its size (a commit, a layer message and its receipt,
     and a write to every member of the room, in each process), so that cost per second is set
@@ -115,6 +117,11 @@ class Pace:
         if self.full_rate <= 0:
             return self.base
         return min(self.longest, max(self.base, self.longest * self.rate / self.full_rate))
+
+    def stretch(self, now: float) -> float:
+        """How much the load has added to the interval: under light load writes are cheap
+        enough, and waiting for each other would only add to the latency."""
+        return self.interval(now) - self.base
 
     def _roll(self, now: float) -> None:
         elapsed = now - self._window_start
@@ -534,11 +541,11 @@ class Hub:
         """Hand texts, in order, to this process's members of a room; each text skips the
         member named beside it.
 
-        Frames for sockets the hub may write to directly wait in the outbox (`_flush`): after a
-        quiet spell only until the end of this turn of the event loop, under load until the
-        interval (`Pace`) since the previous write is over. Whatever else reaches the same
-        socket meanwhile - this process's next batch, other processes' messages, replies -
-        goes out in the same write.
+        Frames for sockets the hub may write to directly wait in the outbox (`_flush`) until
+        the end of this turn of the event loop, and under heavy load until as long after the
+        previous write as the load has stretched the interval (`Pace.stretch`). Whatever else
+        reaches the same socket meanwhile - this process's next batch, other processes'
+        messages, replies - goes out in the same write.
         """
         local = self.rooms.get(room_id)
         if not local:
@@ -574,7 +581,7 @@ class Hub:
         False where the hub does not write to that socket itself, or a send of the server's
         to it is still in flight (the caller then sends after `flush_to`).
 
-        A reply does not wait for the interval: it goes out at the end of this turn of the
+        A reply does not wait for the load: it goes out at the end of this turn of the
         event loop, with the broadcasts that wait for the same socket ahead of it, in one
         write, framed here rather than by the server.
         """
@@ -596,7 +603,7 @@ class Hub:
                 self._replies_handle = loop.call_soon(self._flush_replies)
         elif self._flush_handle is None:
             now = loop.time()
-            due = self._last_flush + self.pace.interval(now)
+            due = self._last_flush + self.pace.stretch(now)
             if due <= now:
                 self._flush_handle = loop.call_soon(self._flush)
             else:
@@ -607,6 +614,9 @@ class Hub:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if not self._outbox:
+            # Replies took it all: nothing was written, so the next broadcast need not wait.
+            return
         self._last_flush = asyncio.get_running_loop().time()
         outbox, self._outbox = self._outbox, {}
         for member, chunks in outbox.items():
@@ -624,7 +634,8 @@ class Hub:
     def _write(self, member: Member, chunks: list[Chunk]) -> None:
         data = chunks[0][0] if len(chunks) == 1 else b"".join(chunk[0] for chunk in chunks)
         write_frame = member.write_frame
-        if write_frame is not None and write_frame(data):
+        # Not past texts still on their way through the server's own send.
+        if write_frame is not None and member not in self._sending and write_frame(data):
             return
         # Closing, or the server holds frames of its own to send first: go through it.
         texts = [

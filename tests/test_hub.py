@@ -563,6 +563,26 @@ def test_a_quiet_spell_brings_the_interval_back_at_once() -> None:
     assert pace.interval(now + 5.0) == 0.01
 
 
+def busy(longest: float = 3600.0) -> Pace:
+    """A pace that has just seen far more messages than it takes to stretch it to the
+    longest interval, on the running loop's clock."""
+    pace = Pace(base=0.0, longest=longest, full_rate=1.0)
+    now = asyncio.get_running_loop().time()
+    pace.count(10**6, now - 0.2)
+    pace.count(0, now - 0.1)  # one window of a million messages: 10 million a second
+    return pace
+
+
+def test_writes_wait_only_for_what_the_load_adds_to_the_interval() -> None:
+    pace = Pace(base=0.01, longest=0.04, full_rate=2000)
+    assert pace.stretch(0.0) == 0.0
+    now = 0.0
+    for _ in range(20):
+        pace.count(500, now)
+        now += 0.1
+    assert pace.stretch(now) == pytest.approx(0.03)
+
+
 class Recorder(Writer):
     """A Writer that lets a test await its next write instead of sleeping for it."""
 
@@ -576,26 +596,60 @@ class Recorder(Writer):
 
 
 async def test_under_load_broadcasts_to_a_socket_wait_for_the_interval_and_go_together():
-    ann = Recorder("ann")
-    hub = await hub_with(ann, room_id=7, pace=Pace(0.05, 0.05, 0))
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7, pace=busy())
 
     await hub.broadcast(7, {"n": 1})
     await next_turn()
     assert ann.writes == [frame_of({"n": 1})]  # after a quiet spell: at once
 
-    ann.written.clear()
     await hub.broadcast(7, {"n": 2})
     await hub.broadcast(7, {"n": 3})
     await next_turn()
     assert ann.writes == [frame_of({"n": 1})]  # within the interval: waiting
 
-    await asyncio.wait_for(ann.written.wait(), timeout=5)
+    await hub.flush_to(ann)  # as before anything else is sent to it
     assert ann.writes == [frame_of({"n": 1}), frame_of({"n": 2}) + frame_of({"n": 3})]
+
+
+async def test_the_interval_is_over_when_the_waiting_broadcasts_are_written():
+    ann = Recorder("ann")
+    hub = await hub_with(ann, room_id=7, pace=busy(longest=0.01))
+    await hub.broadcast(7, {"n": 1})
+    await hub.broadcast(7, {"n": 2})
+    await next_turn()
+    ann.written.clear()
+
+    await hub.broadcast(7, {"n": 3})
+    await asyncio.wait_for(ann.written.wait(), timeout=5)
+
+    assert b"".join(ann.writes) == b"".join(frame_of({"n": n}) for n in (1, 2, 3))
+
+
+async def test_a_server_shutdown_writes_what_waits_for_the_interval_before_the_close():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7, pace=busy())
+    closes: list[dict[str, Any]] = []
+
+    async def base_send(message: dict[str, Any]) -> None:
+        closes.append(message)
+        hub.close_socket(ann)
+
+    ann.base_send = base_send  # type: ignore[method-assign]
+    hub.open_socket(ann)
+    await hub.broadcast(7, {"n": 1})
+    await next_turn()
+    await hub.broadcast(7, {"n": 2})
+
+    await hub.shutdown(grace=0.1)
+
+    assert ann.writes == [frame_of({"n": 1}), frame_of({"n": 2})]
+    assert [message["type"] for message in closes] == ["websocket.close"]
 
 
 async def test_a_reply_does_not_wait_for_the_interval_nor_overtake_a_broadcast():
     ann = Recorder("ann")
-    hub = await hub_with(ann, room_id=7, pace=Pace(3600.0, 3600.0, 0))
+    hub = await hub_with(ann, room_id=7, pace=busy())
     await hub.broadcast(7, {"n": 1})
     await next_turn()
 
