@@ -233,10 +233,11 @@ CHAT_PRESENCE_TIMEOUT_SECONDS = env_float("CHAT_PRESENCE_TIMEOUT_SECONDS", 6.0)
 # A reader with more than this many bytes unsent is disconnected (1008) rather than buffered
 # for without bound or allowed to slow its room down.
 CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
-# Under sustained load a process commits a batch of messages, and writes to each socket, at most
-# once per interval: CHAT_BATCH_INTERVAL_MS while the messages it fans out come slowly,
-# stretching with their rate to CHAT_BATCH_INTERVAL_MAX_MS at CHAT_BATCH_FULL_RATE messages per
-# second (rooms/hub.py, Pace). A message after a quiet spell waits for none.
+# Under sustained load a process commits a batch of messages at most once per interval:
+# CHAT_BATCH_INTERVAL_MS while the messages it fans out come slowly, stretching with their rate
+# to CHAT_BATCH_INTERVAL_MAX_MS at CHAT_BATCH_FULL_RATE messages per second; its writes to each
+# socket wait for what the load adds (rooms/hub.py, Pace). A message after a quiet spell waits
+# for none.
 if "CHAT_COMMIT_INTERVAL_MS" in os.environ:
     raise ImproperlyConfigured(
         "CHAT_COMMIT_INTERVAL_MS is now CHAT_BATCH_INTERVAL_MS (it paces socket writes too)"

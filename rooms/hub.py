@@ -228,12 +228,12 @@ class Hub:
         self.sockets: set[Socket] = set()
         self.members: dict[str, Member] = {}
         self.rooms: dict[int, dict[str, Member]] = {}
-        self.pace = Pace(
+        pace = Pace(
             base=settings.CHAT_BATCH_INTERVAL_MS / 1000,
             longest=settings.CHAT_BATCH_INTERVAL_MAX_MS / 1000,
             full_rate=settings.CHAT_BATCH_FULL_RATE,
         )
-        self.writer = MessageWriter(self.may_be_swept, self.publish, pace=self.pace)
+        self.writer = MessageWriter(self.may_be_swept, self.publish, pace=pace)
         self.layer_healthy = True
         self.shutting_down = False
         self.slow_dropped = 0
@@ -274,6 +274,11 @@ class Hub:
         in_main_thread = threading.current_thread() is threading.main_thread()
         if settings.CHAT_GRACEFUL_SHUTDOWN and in_main_thread:
             _close_on_signals(self)
+
+    @property
+    def pace(self) -> Pace:
+        """The one pace of this process: its commits and its writes to sockets."""
+        return self.writer.pace
 
     async def start(self, scope: dict[str, Any] | None = None) -> None:
         """Open the mailbox, clear what an earlier incarnation left, start the heartbeat."""

@@ -410,7 +410,7 @@ def _messages_create_checked(
     return _stored_all(posts, ids, now, present=present)
 
 
-def _insert_messages(cursor, posts: list[Post], now) -> list[int]:
+def _insert_messages(cursor, posts: list[Post], now: datetime) -> list[int]:
     """Insert up to _ROWS_PER_STATEMENT messages in one statement; their ids, in order."""
     # Plain SQL, as for presence: under load this runs for every batch, and building the
     # ORM's INSERT took twice as long as SQLite took to run it.
@@ -443,7 +443,7 @@ def _kept(posts: list[Post], present: set[str] | None) -> list[Post]:
 
 
 def _stored_all(
-    posts: list[Post], ids: list[int], now, *, present: set[str] | None
+    posts: list[Post], ids: list[int], now: datetime, *, present: set[str] | None
 ) -> list[StoredMessage | None]:
     """Each post's stored message, or None for a post of a sender who was not present."""
     kept = _kept(posts, present)

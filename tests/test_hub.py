@@ -65,7 +65,7 @@ async def hub_with(*members: Writer, room_id: int, pace: Pace | None = None) -> 
     if pace is None:
         unpaced(hub)
     else:
-        hub.pace = hub.writer.pace = pace
+        hub.writer.pace = pace
     for member in members:
         hub.attach(member)
         await hub.enter(member, room_id)
