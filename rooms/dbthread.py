@@ -36,7 +36,7 @@ async def run(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Call `fn` on the database thread and return what it returns (or raise what it raises).
 
     Cancelling the caller does not stop a call that has started; one still waiting for the
-    thread is not made.
+    thread when the cancellation reaches it (on the event loop's next turn) is not made.
     """
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor, _hygienic, fn, args, kwargs)

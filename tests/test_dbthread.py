@@ -52,6 +52,9 @@ async def test_a_call_cancelled_while_it_waits_for_the_thread_is_never_made():
     waiting = asyncio.ensure_future(dbthread.run(made.append, "waiting"))
     await asyncio.sleep(0)  # both are queued for the thread
     waiting.cancel()
+    # The cancel reaches the thread's queue on the loop's next turn; until the caller has seen
+    # it, the thread could still take the call.
+    await asyncio.wait({waiting})
     release.set()
     await first
     assert await dbthread.run(made.append, "after") is None
