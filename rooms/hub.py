@@ -85,8 +85,9 @@ class Pace:
     """How long a process lets messages gather, under load, before it commits a batch: `base`
     while the messages it fans out come slowly, stretching in proportion to their rate up to
     `longest`, which it reaches at `full_rate` messages per second. By as much as the load
-    stretches it, the process also holds back its writes to each socket, so that its own
-    batches and other processes' go out together.
+    stretches it, the process also holds back its writes to each socket, and what other
+    processes send it waits for its own next batch, so that each socket gets one write per
+    interval however many processes post to its room.
 
     Every batch costs the same whatever its size (a commit, a layer message and its receipt,
     and a write to every member of the room, in each process), so that cost per second is set
@@ -167,6 +168,11 @@ class MessageWriter:
             self._draining = asyncio.create_task(self._drain())
         return future
 
+    @property
+    def busy(self) -> bool:
+        """Whether messages of this process wait for their batch, or are in one."""
+        return self._draining is not None
+
     async def idle(self, *, timeout: float) -> None:
         """Return once every submitted message is stored and published (or `timeout` passed)."""
         draining = self._draining
@@ -245,6 +251,7 @@ class Hub:
         self._outbox: dict[Member, list[Chunk]] = {}
         self._replied: set[Member] = set()
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_due = math.inf
         self._replies_handle: asyncio.Handle | None = None
         self._last_flush = -math.inf
         self._sending: dict[Member, asyncio.Future[None]] = {}
@@ -456,12 +463,14 @@ class Hub:
             skips.append(post.channel_name)
         for room_id, (texts, skips) in rooms.items():
             try:
-                await self._fan_out(room_id, texts, skips)
+                await self._fan_out(room_id, texts, skips, own=True)
             except Exception:
                 log.exception("could not publish %d messages to room %d", len(texts), room_id)
 
-    async def _fan_out(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
-        await self._deliver(room_id, texts, skips)
+    async def _fan_out(
+        self, room_id: int, texts: list[str], skips: list[str | None], *, own: bool = False
+    ) -> None:
+        await self._deliver(room_id, texts, skips, own=own)
         if self.distributed:
             self._publish_later(room_id, texts, skips)
 
@@ -542,20 +551,25 @@ class Hub:
             # is left over from an earlier run and is swept soon.
             log.warning("cannot reach %s: it belongs to another process", channel_name)
 
-    async def _deliver(self, room_id: int, texts: list[str], skips: list[str | None]) -> None:
+    async def _deliver(
+        self, room_id: int, texts: list[str], skips: list[str | None], *, own: bool = False
+    ) -> None:
         """Hand texts, in order, to this process's members of a room; each text skips the
         member named beside it.
 
         Frames for sockets the hub may write to directly wait in the outbox (`_flush`) until
         the end of this turn of the event loop, and under heavy load until as long after the
-        previous write as the load has stretched the interval (`Pace.stretch`). Whatever else
-        reaches the same socket meanwhile - this process's next batch, other processes'
-        messages, replies - goes out in the same write.
+        previous write as the load has stretched the interval (`Pace.stretch`), or until this
+        process's next batch (`_schedule_flush`; `own` says the texts are of that batch).
+        Whatever else reaches the same socket meanwhile - this process's next batch, other
+        processes' messages, replies - goes out in the same write.
         """
         local = self.rooms.get(room_id)
         if not local:
             return
-        self.pace.count(len(texts), asyncio.get_running_loop().time())
+        loop = asyncio.get_running_loop()
+        self.pace.count(len(texts), loop.time())
+        queued = False
         limit = self.backlog_limit
         unsent = self._unsent
         frames = [serving.text_frame(text.encode()) for text in texts]
@@ -579,7 +593,10 @@ class Hub:
                 data = b"".join(_texts_for(channel_name, frames, skips))
                 if not data:
                     continue
-            self._queue(member, (data, texts, skips), reply=False)
+            self._queue(member, (data, texts, skips))
+            queued = True
+        if queued:
+            self._schedule_flush(loop, own=own)
 
     def reply(self, member: Member, text: str) -> bool:
         """Queue one text for one socket, behind what already waits for it in the outbox;
@@ -592,33 +609,50 @@ class Hub:
         """
         if member.write_frame is None or member in self._sending:
             return False
-        self._queue(member, (serving.text_frame(text.encode()), [text], None), reply=True)
+        self._queue(member, (serving.text_frame(text.encode()), [text], None))
+        self._replied.add(member)
+        if self._replies_handle is None:
+            self._replies_handle = asyncio.get_running_loop().call_soon(self._flush_replies)
         return True
 
-    def _queue(self, member: Member, chunk: Chunk, *, reply: bool) -> None:
+    def _queue(self, member: Member, chunk: Chunk) -> None:
         """Put frames for one socket in the outbox."""
         chunks = self._outbox.get(member)
         if chunks is None:
             self._outbox[member] = chunks = []
         chunks.append(chunk)
-        loop = asyncio.get_running_loop()
-        if reply:
-            self._replied.add(member)
-            if self._replies_handle is None:
-                self._replies_handle = loop.call_soon(self._flush_replies)
-        elif self._flush_handle is None:
-            now = loop.time()
-            due = self._last_flush + self.pace.stretch(now)
-            if due <= now:
-                self._flush_handle = loop.call_soon(self._flush)
-            else:
-                self._flush_handle = loop.call_at(due, self._flush)
+
+    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, *, own: bool) -> None:
+        """See that the outbox is written: at once after a quiet spell, else once the load's
+        stretch has passed since the last write; and under load, whatever does not come from
+        this process's own batches waits for the next one of those, if one is on its way."""
+        now = loop.time()
+        pace = self.pace
+        stretch = pace.stretch(now)
+        if stretch > 0 and not own and self.writer.busy:
+            # Without this, each socket would get a write for this process's batches and one
+            # for another's, at whatever phase they come. Waiting one interval, with `base`
+            # to spare for its commit, only matters if that batch is late.
+            due = self._last_flush + pace.interval(now) + pace.base
+        else:
+            due = self._last_flush + stretch
+        if self._flush_handle is not None:
+            if self._flush_due <= due:
+                return
+            self._flush_handle.cancel()
+        if due <= now:
+            self._flush_handle = loop.call_soon(self._flush)
+            self._flush_due = now
+        else:
+            self._flush_handle = loop.call_at(due, self._flush)
+            self._flush_due = due
 
     def _flush(self) -> None:
         """Write what the outbox holds: one write per socket."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+            self._flush_due = math.inf
         if not self._outbox:
             # Replies took it all: nothing was written, so the next broadcast need not wait.
             return

@@ -661,3 +661,101 @@ async def test_a_reply_does_not_wait_for_the_interval_nor_overtake_a_broadcast()
         frame_of({"n": 1}),
         frame_of({"n": 2}) + frame_of({"reply": True}),
     ]
+
+
+def stretched(base: float, longest: float) -> Pace:
+    """A pace under full load on the running loop's clock: its interval is `longest`, and
+    writes wait `longest - base` after the last one."""
+    pace = Pace(base=base, longest=longest, full_rate=1.0)
+    now = asyncio.get_running_loop().time()
+    pace.count(10**6, now - 0.2)
+    pace.count(0, now - 0.1)
+    return pace
+
+
+class GatedDatabase(FakeDatabase):
+    """Stores the first batch at once and every later one when `opened` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+
+    async def run(self, fn: Any, /, **kwargs: Any) -> list[services.StoredMessage]:
+        if self.batches:
+            await self.opened.wait()
+        return await super().run(fn, **kwargs)
+
+
+def room_post(text: str) -> services.Post:
+    return services.Post(channel_name="bob", room_id=7, room_name="r", author="bob", text=text)
+
+
+def stored_frame(post: services.Post, pk: int) -> bytes:
+    return chat_frame("r", post, services.StoredMessage(pk=pk, created_at=None))
+
+
+async def test_under_load_what_another_process_sends_goes_out_with_this_ones_next_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = FakeDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7, pace=stretched(base=0.05, longest=0.2))
+    first, second = room_post("first"), room_post("second")
+    await hub.writer.submit(first)  # after a quiet spell: stored and written at once
+    await next_turn()
+    waiting = hub.writer.submit(second)  # waits for the interval
+
+    await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
+    await waiting
+    await next_turn()
+
+    # Not written apart once the stretch (0.15 s) was over: with the batch, 0.2 s on.
+    assert ann.writes == [
+        stored_frame(first, 1),
+        frame_of({"from": "elsewhere"}) + stored_frame(second, 2),
+    ]
+
+
+async def test_what_another_process_sends_does_not_wait_long_for_a_late_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = GatedDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
+    ann = Recorder("ann")
+    hub = await hub_with(ann, room_id=7, pace=stretched(base=0.01, longest=0.05))
+    await hub.writer.submit(room_post("first"))
+    await next_turn()
+    ann.written.clear()
+    late = hub.writer.submit(room_post("late"))  # its commit does not come back
+
+    await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
+    await asyncio.wait_for(ann.written.wait(), timeout=5)
+
+    assert not late.done()
+    assert ann.writes[-1] == frame_of({"from": "elsewhere"})
+    database.opened.set()
+    await late
+
+
+async def test_under_light_load_what_another_process_sends_does_not_wait_for_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = GatedDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
+    ann = Writer("ann")
+    # The rate never stretches the interval: writes do not wait.
+    hub = await hub_with(ann, room_id=7, pace=Pace(base=0.05, longest=0.05, full_rate=0))
+    await hub.writer.submit(room_post("first"))
+    await next_turn()
+    pending = hub.writer.submit(room_post("second"))  # its commit does not come back
+
+    await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
+    await next_turn()
+
+    assert ann.writes[-1] == frame_of({"from": "elsewhere"})
+    database.opened.set()
+    await pending
