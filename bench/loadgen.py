@@ -477,7 +477,9 @@ async def run_step(
             return st.received
         return st.received + (await receivers.progress(idx))[0]
 
-    # Drain: until everything arrived, nothing arrived for a while, or the cap.
+    # Drain: until everything arrived, nothing arrived for a while once every post is
+    # answered, or the cap. While posts wait for their answers the server still owes them, and
+    # a lull is a stall (a host taking the CPU for a while), not the end of the step.
     last, last_change = await received(), time.monotonic()
     while time.monotonic() - t_send < drain_cap:
         if last >= expected and st.acks >= sent:
@@ -487,7 +489,7 @@ async def run_step(
         count = await received()
         if count != last:
             last, last_change = count, now
-        elif now - last_change > 0.5:
+        elif now - last_change > 0.5 and st.acks + st.errors >= sent:
             break
     bench.current = None
     count, last_ns, lat, errors = st.received, st.last_ns, st.lat, st.errors

@@ -159,3 +159,30 @@ def test_long_frames_and_two_digit_steps_are_counted_alike() -> None:
         (quick, _), (exact, _) = feed(True, pieces, steps=12), feed(False, pieces, steps=12)
         assert quick == exact
         assert exact["received"][1] == 1 and exact["received"][11] == 5
+
+
+class SilentSender:
+    """A sender whose posts the server answers only when the test says so."""
+
+    def send_chat(self, step: int) -> None:
+        pass
+
+
+async def test_a_step_waits_out_a_stall_while_its_posts_are_unanswered():
+    bench = loadgen.Bench([], [])
+
+    async def answer_after_a_stall() -> None:
+        # Longer than the lull after which a step whose posts are all answered is over.
+        await asyncio.sleep(0.8)
+        step = bench.steps[-1]
+        step.acks += 2
+        step.received += 2
+
+    answering = asyncio.create_task(answer_after_a_stall())
+    result = await loadgen.run_step(
+        bench, [SilentSender()], rate=20, duration=0.1, fanout=1, drain_cap=5
+    )
+    await answering
+
+    assert (result["sent"], result["acked"], result["received"]) == (2, 2, 2)
+    assert result["delivery_ratio"] == 1.0
