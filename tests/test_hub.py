@@ -563,14 +563,19 @@ def test_a_quiet_spell_brings_the_interval_back_at_once() -> None:
     assert pace.interval(now + 5.0) == 0.01
 
 
-def busy(longest: float = 3600.0) -> Pace:
+def stretched(base: float, longest: float) -> Pace:
     """A pace that has just seen far more messages than it takes to stretch it to the
-    longest interval, on the running loop's clock."""
-    pace = Pace(base=0.0, longest=longest, full_rate=1.0)
+    longest interval, on the running loop's clock: writes wait `longest - base` after the
+    last one."""
+    pace = Pace(base=base, longest=longest, full_rate=1.0)
     now = asyncio.get_running_loop().time()
     pace.count(10**6, now - 0.2)
     pace.count(0, now - 0.1)  # one window of a million messages: 10 million a second
     return pace
+
+
+def busy(longest: float = 3600.0) -> Pace:
+    return stretched(base=0.0, longest=longest)
 
 
 def test_writes_wait_only_for_what_the_load_adds_to_the_interval() -> None:
@@ -663,16 +668,6 @@ async def test_a_reply_does_not_wait_for_the_interval_nor_overtake_a_broadcast()
     ]
 
 
-def stretched(base: float, longest: float) -> Pace:
-    """A pace under full load on the running loop's clock: its interval is `longest`, and
-    writes wait `longest - base` after the last one."""
-    pace = Pace(base=base, longest=longest, full_rate=1.0)
-    now = asyncio.get_running_loop().time()
-    pace.count(10**6, now - 0.2)
-    pace.count(0, now - 0.1)
-    return pace
-
-
 class GatedDatabase(FakeDatabase):
     """Stores the first batch at once and every later one when `opened` is set."""
 
@@ -690,21 +685,33 @@ def room_post(text: str) -> services.Post:
     return services.Post(channel_name="bob", room_id=7, room_name="r", author="bob", text=text)
 
 
+FIRST = room_post("first")
+
+
 def stored_frame(post: services.Post, pk: int) -> bytes:
     return chat_frame("r", post, services.StoredMessage(pk=pk, created_at=None))
+
+
+async def after_a_first_batch(
+    monkeypatch: pytest.MonkeyPatch, database: FakeDatabase, member: Writer, pace: Pace
+) -> Hub:
+    """A hub whose member `member` of room 7 has been written the first post of a batch
+    stored at once (after a quiet spell), with `database` storing its batches."""
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
+    hub = await hub_with(member, room_id=7, pace=pace)
+    await hub.writer.submit(FIRST)
+    await next_turn()
+    return hub
 
 
 async def test_under_load_what_another_process_sends_goes_out_with_this_ones_next_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    database = FakeDatabase()
-    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
-    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
     ann = Writer("ann")
-    hub = await hub_with(ann, room_id=7, pace=stretched(base=0.05, longest=0.2))
-    first, second = room_post("first"), room_post("second")
-    await hub.writer.submit(first)  # after a quiet spell: stored and written at once
-    await next_turn()
+    pace = stretched(base=0.05, longest=0.2)
+    hub = await after_a_first_batch(monkeypatch, FakeDatabase(), ann, pace)
+    second = room_post("second")
     waiting = hub.writer.submit(second)  # waits for the interval
 
     await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
@@ -713,7 +720,7 @@ async def test_under_load_what_another_process_sends_goes_out_with_this_ones_nex
 
     # Not written apart once the stretch (0.15 s) was over: with the batch, 0.2 s on.
     assert ann.writes == [
-        stored_frame(first, 1),
+        stored_frame(FIRST, 1),
         frame_of({"from": "elsewhere"}) + stored_frame(second, 2),
     ]
 
@@ -722,12 +729,8 @@ async def test_what_another_process_sends_does_not_wait_long_for_a_late_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = GatedDatabase()
-    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
-    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
     ann = Recorder("ann")
-    hub = await hub_with(ann, room_id=7, pace=stretched(base=0.01, longest=0.05))
-    await hub.writer.submit(room_post("first"))
-    await next_turn()
+    hub = await after_a_first_batch(monkeypatch, database, ann, stretched(0.01, 0.05))
     ann.written.clear()
     late = hub.writer.submit(room_post("late"))  # its commit does not come back
 
@@ -744,13 +747,10 @@ async def test_under_light_load_what_another_process_sends_does_not_wait_for_a_b
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = GatedDatabase()
-    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
-    monkeypatch.setattr("rooms.protocol.timestamp", lambda _: "t")
     ann = Writer("ann")
     # The rate never stretches the interval: writes do not wait.
-    hub = await hub_with(ann, room_id=7, pace=Pace(base=0.05, longest=0.05, full_rate=0))
-    await hub.writer.submit(room_post("first"))
-    await next_turn()
+    unstretched = Pace(base=0.05, longest=0.05, full_rate=0)
+    hub = await after_a_first_batch(monkeypatch, database, ann, unstretched)
     pending = hub.writer.submit(room_post("second"))  # its commit does not come back
 
     await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
