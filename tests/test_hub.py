@@ -493,8 +493,10 @@ class FakeDatabase:
         ]
 
 
-def post(text: str) -> services.Post:
-    return services.Post(channel_name="c", room_id=1, room_name="r", author="a", text=text)
+def post(text: str, room_id: int = 1) -> services.Post:
+    return services.Post(
+        channel_name="bob", room_id=room_id, room_name="r", author="bob", text=text
+    )
 
 
 async def published(_: object) -> None:
@@ -681,11 +683,7 @@ class GatedDatabase(FakeDatabase):
         return await super().run(fn, **kwargs)
 
 
-def room_post(text: str) -> services.Post:
-    return services.Post(channel_name="bob", room_id=7, room_name="r", author="bob", text=text)
-
-
-FIRST = room_post("first")
+FIRST = post("first", room_id=7)
 
 
 def stored_frame(post: services.Post, pk: int) -> bytes:
@@ -711,7 +709,7 @@ async def test_under_load_what_another_process_sends_goes_out_with_this_ones_nex
     ann = Writer("ann")
     pace = stretched(base=0.05, longest=0.2)
     hub = await after_a_first_batch(monkeypatch, FakeDatabase(), ann, pace)
-    second = room_post("second")
+    second = post("second", room_id=7)
     waiting = hub.writer.submit(second)  # waits for the interval
 
     await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
@@ -732,7 +730,7 @@ async def test_what_another_process_sends_does_not_wait_long_for_a_late_batch(
     ann = Recorder("ann")
     hub = await after_a_first_batch(monkeypatch, database, ann, stretched(0.01, 0.05))
     ann.written.clear()
-    late = hub.writer.submit(room_post("late"))  # its commit does not come back
+    late = hub.writer.submit(post("late", room_id=7))  # its commit does not come back
 
     await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
     await asyncio.wait_for(ann.written.wait(), timeout=5)
@@ -751,7 +749,7 @@ async def test_under_light_load_what_another_process_sends_does_not_wait_for_a_b
     # The rate never stretches the interval: writes do not wait.
     unstretched = Pace(base=0.05, longest=0.05, full_rate=0)
     hub = await after_a_first_batch(monkeypatch, database, ann, unstretched)
-    pending = hub.writer.submit(room_post("second"))  # its commit does not come back
+    pending = hub.writer.submit(post("second", room_id=7))  # its commit does not come back
 
     await hub._deliver(7, [protocol.encode({"from": "elsewhere"})], [None])
     await next_turn()
