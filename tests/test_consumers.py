@@ -1,13 +1,15 @@
 """The /chat and /echo consumers, in process, through the full ASGI application."""
 
+import asyncio
 import json
 import re
+import threading
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from rooms import protocol, services
+from rooms import consumers, protocol, services
 from rooms.models import Message, Room
 from tests.conftest import asgi_application
 
@@ -982,6 +984,45 @@ async def test_posts_after_a_batch_the_database_refused_are_answered_in_order(
     await client.assert_nothing()
 
 
+async def test_a_sender_is_not_read_while_a_window_of_its_posts_waits_for_its_commit(
+    connect_chat, monkeypatch, settings
+):
+    settings.CHAT_RATE_PER_SEC = 1_000_000
+    settings.CHAT_RATE_BURST = 1_000_000
+    store = services.messages_create
+    release = threading.Event()
+
+    def held_commit(**kwargs):
+        release.wait(timeout=10)
+        return store(**kwargs)
+
+    monkeypatch.setattr(services, "messages_create", held_commit)
+    waiting = consumers.ChatConsumer._post_answered
+    window_full = asyncio.Event()
+    in_flight: list[int] = []
+
+    async def noting_the_wait(self):
+        in_flight.append(len(self._posts))
+        window_full.set()
+        await waiting(self)
+
+    monkeypatch.setattr(consumers.ChatConsumer, "_post_answered", noting_the_wait)
+    client = await connect_chat()
+    texts = [f"m{i}" for i in range(consumers.MAX_POSTS_IN_FLIGHT + 3)]
+    try:
+        for text in texts:
+            await client.send({"action": "chat_message", "message": text})
+        await asyncio.wait_for(window_full.wait(), timeout=5)
+        # One frame past the window is read and waits for room in it; the rest stay unread.
+        assert in_flight == [consumers.MAX_POSTS_IN_FLIGHT]
+        assert client.comm.input_queue.qsize() == 2
+    finally:
+        release.set()
+    acks = [await client.recv() for _ in texts]
+    assert [(ack["success"], ack["message"]) for ack in acks] == [(True, t) for t in texts]
+    assert [text for _, _, text in await stored_messages()] == texts
+
+
 async def test_posts_sent_just_before_closing_are_heard_before_the_sender_leaves(connect_chat):
     a, b = await pair(connect_chat)
     for text in ("last", "words"):
@@ -1094,8 +1135,6 @@ async def test_heartbeat_removes_rows_of_this_process_with_no_connection_silentl
 async def test_a_consumer_the_server_gives_up_on_leaves_its_seat_to_the_heartbeat(connect_chat):
     """daphne cancels an application some seconds after its socket closed; if that lands
     before the disconnect is handled, the seat must not be held until the process restarts."""
-    import asyncio
-
     from rooms.hub import get_hub
 
     a, b = await pair(connect_chat)
