@@ -43,7 +43,10 @@ MODES: dict[str, dict[str, Any]] = {
             "start_rate": 20,
             "factor": 2,
             "max_rate": 16000,
-            "resolution": 0.1,
+            # Each figure lies within this fraction below the rate it stands for, so a ratio
+            # of two figures is uncertain by up to twice as much: at 0.1 a ratio near its
+            # target turned on where the ladder's steps fell.
+            "resolution": 0.05,
             "max_steps": 16,
             "step_s": 3,
             "warmup_s": 2,
