@@ -207,12 +207,11 @@ class EchoConsumer(FrameGuard):
 Action = Callable[["ChatConsumer", dict[str, Any]], Awaitable[None]]
 
 
-# A connection's posts are stored and answered in order while it goes on reading; at most this
-# many wait for their commit at once, and the socket is not read meanwhile. The window bounds a
-# connection's memory (at most this many texts of CHAT_MAX_MESSAGE_CHARS), and it also caps
-# what one connection can post: the window per batch interval plus commit. Under load the
-# interval stretches to 40 ms, where a window of 32 held each sender to 800 posts a second
-# whatever the server could do; 256 allows 6,400.
+# A connection's posts are stored and answered in order while it goes on reading; once this
+# many wait for their commit, the socket is not read until the oldest is through. That bounds
+# what one connection holds (this many texts of at most CHAT_MAX_MESSAGE_CHARS), and it caps
+# what one connection can post at this many per batch: at the longest default interval (40 ms)
+# a window of 32 held each sender to 800 posts a second, 256 allows 6,400.
 MAX_POSTS_IN_FLIGHT = 256
 
 

@@ -532,35 +532,33 @@ async def test_a_post_after_a_quiet_spell_does_not_wait_for_the_interval(
     assert database.batches == [["alone"]]
 
 
+def fed(pace: Pace, per_second: int, now: float = 0.0) -> float:
+    """Count `per_second` messages a second into `pace` for two seconds from `now`, a tenth
+    of a second at a time; the time after."""
+    for _ in range(20):
+        pace.count(per_second // 10, now)
+        now += 0.1
+    return now
+
+
 def test_the_interval_stays_short_while_messages_come_slowly() -> None:
     pace = Pace(base=0.01, longest=0.04, full_rate=2000)
-    now = 0.0
-    for _ in range(20):  # 40 messages per 0.1 s: 400 a second
-        pace.count(40, now)
-        now += 0.1
+    now = fed(pace, 400)
     assert pace.rate == pytest.approx(400, rel=0.01)
     assert pace.interval(now) == 0.01
 
 
 def test_the_interval_stretches_with_the_rate_up_to_the_longest() -> None:
     pace = Pace(base=0.01, longest=0.04, full_rate=2000)
-    now = 0.0
-    for _ in range(20):  # 1,000 a second
-        pace.count(100, now)
-        now += 0.1
+    now = fed(pace, 1000)
     assert pace.interval(now) == pytest.approx(0.02, rel=0.01)
-    for _ in range(20):  # 5,000 a second
-        pace.count(500, now)
-        now += 0.1
+    now = fed(pace, 5000, now)
     assert pace.interval(now) == 0.04
 
 
 def test_a_quiet_spell_brings_the_interval_back_at_once() -> None:
     pace = Pace(base=0.01, longest=0.04, full_rate=2000)
-    now = 0.0
-    for _ in range(20):
-        pace.count(500, now)
-        now += 0.1
+    now = fed(pace, 5000)
     assert pace.interval(now) == 0.04
     assert pace.interval(now + 5.0) == 0.01
 
@@ -583,10 +581,7 @@ def busy(longest: float = 3600.0) -> Pace:
 def test_writes_wait_only_for_what_the_load_adds_to_the_interval() -> None:
     pace = Pace(base=0.01, longest=0.04, full_rate=2000)
     assert pace.stretch(0.0) == 0.0
-    now = 0.0
-    for _ in range(20):
-        pace.count(500, now)
-        now += 0.1
+    now = fed(pace, 5000)
     assert pace.stretch(now) == pytest.approx(0.03)
 
 
