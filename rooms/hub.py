@@ -81,6 +81,58 @@ Stored = list[tuple[services.Post, services.StoredMessage]]
 Chunk = tuple[bytes, list[str], list[str | None] | None]
 
 
+class Pending:
+    """A room's broadcasts waiting to be written, framed once for all its members.
+
+    Each member's share is everything from where it starts (0, unless it entered the room or
+    was handed its share meanwhile: `start`), less the texts it is skipped for. With two
+    processes a room hears at least two deliveries per interval, its own batch and another
+    process's: kept per room, each member still costs one look and one write per interval,
+    and most members share one piece of bytes rather than each get a copy joined for it.
+    """
+
+    __slots__ = ("frames", "skipped", "skips", "start", "texts")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.texts: list[str] = []
+        self.skips: list[str | None] = []
+        self.skipped: set[str | None] = set()
+        self.start: dict[str, int] = {}
+
+    def add(self, texts: list[str], skips: list[str | None]) -> None:
+        self.frames.extend([serving.text_frame(text.encode()) for text in texts])
+        self.texts.extend(texts)
+        self.skips.extend(skips)
+        self.skipped.update(skips)
+
+    def share(self, channel_name: str, everything: bytes) -> Chunk | None:
+        """One member's frames, once no more texts can be added (`everything` is all of
+        them); None if there are none for it."""
+        if channel_name not in self.skipped and not self.start.get(channel_name):
+            return everything, self.texts, self.skips
+        return self.take(channel_name)
+
+    def take(self, channel_name: str) -> Chunk | None:
+        """One member's frames so far, which it will not be given again."""
+        start = self.start.get(channel_name, 0)
+        end = self.start[channel_name] = len(self.frames)
+        mine = [
+            (frame, text)
+            for frame, text, skip in zip(
+                self.frames[start:end], self.texts[start:end], self.skips[start:end], strict=True
+            )
+            if skip != channel_name
+        ]
+        if not mine:
+            return None
+        return b"".join(frame for frame, _ in mine), [text for _, text in mine], None
+
+    def skip_so_far(self, channel_name: str) -> None:
+        """A member that enters the room now does not get what was broadcast before."""
+        self.start[channel_name] = len(self.frames)
+
+
 class Pace:
     """How long a process lets messages gather, under load, before it commits a batch: `base`
     while the messages it fans out come slowly, stretching in proportion to their rate up to
@@ -246,8 +298,10 @@ class Hub:
         self.undelivered_dropped = 0
         self.backlog_limit: int = settings.CHAT_SEND_BACKLOG_BYTES
         self._orphans: dict[str, bool] = {}
-        # Frames waiting to be written, by socket (`_deliver`, `reply`), and the sockets with a
-        # reply among them, which go out at the end of this turn of the event loop.
+        # Broadcasts waiting to be written, by room (`_deliver`); frames waiting for one socket
+        # (`reply`, and its share of its room's broadcasts before them), and the sockets with
+        # a reply among them, which go out at the end of this turn of the event loop.
+        self._pending: dict[int, Pending] = {}
         self._outbox: dict[Member, list[Chunk]] = {}
         self._replied: set[Member] = set()
         self._flush_handle: asyncio.Handle | None = None
@@ -419,6 +473,9 @@ class Hub:
         if local is None:
             local = self.rooms[room_id] = {}
         local[member.channel_name] = member
+        pending = self._pending.get(room_id)
+        if pending is not None:
+            pending.skip_so_far(member.channel_name)
         if self.distributed and room_id not in self._subscribed:
             self._subscribed.add(room_id)
             try:
@@ -434,8 +491,10 @@ class Hub:
         unsubscribing here could overtake a later re-subscription on another connection.
         """
         local = self.rooms.get(room_id)
-        if local is not None:
-            local.pop(member.channel_name, None)
+        if local is not None and local.pop(member.channel_name, None) is not None:
+            if not member.dropped:
+                # What the room heard while it was in still reaches it.
+                self._take_share(member, room_id)
             if not local:
                 del self.rooms[room_id]
 
@@ -557,46 +616,22 @@ class Hub:
         """Hand texts, in order, to this process's members of a room; each text skips the
         member named beside it.
 
-        Frames for sockets the hub may write to directly wait in the outbox (`_flush`) until
-        the end of this turn of the event loop, and under heavy load until as long after the
-        previous write as the load has stretched the interval (`Pace.stretch`), or until this
-        process's next batch (`_schedule_flush`; `own` says the texts are of that batch).
-        Whatever else reaches the same socket meanwhile - this process's next batch, other
-        processes' messages, replies - goes out in the same write.
+        The texts wait, framed, with the room (`Pending`) until the end of this turn of the
+        event loop, and under heavy load until as long after the previous write as the load
+        has stretched the interval (`Pace.stretch`), or until this process's next batch
+        (`_schedule_flush`; `own` says the texts are of that batch). Whatever else reaches
+        the room meanwhile - this process's next batch, other processes' messages - joins
+        them, and each member gets all of it in one write (`_flush`).
         """
-        local = self.rooms.get(room_id)
-        if not local:
+        if not self.rooms.get(room_id):
             return
         loop = asyncio.get_running_loop()
         self.pace.count(len(texts), loop.time())
-        queued = False
-        limit = self.backlog_limit
-        unsent = self._unsent
-        frames = [serving.text_frame(text.encode()) for text in texts]
-        everything = b"".join(frames)
-        skipped = set(skips)
-        for member in tuple(local.values()):
-            channel_name = member.channel_name
-            backlog = member.backlog
-            if (backlog is not None and backlog() > limit) or (
-                unsent and unsent.get(member, 0) > limit
-            ):
-                self.drop_slow(member)
-                continue
-            if member.write_frame is None:
-                texts_here = _texts_for(channel_name, texts, skips)
-                if texts_here:
-                    self._send_later(member, texts_here)
-                continue
-            data = everything
-            if channel_name in skipped:
-                data = b"".join(_texts_for(channel_name, frames, skips))
-                if not data:
-                    continue
-            self._queue(member, (data, texts, skips))
-            queued = True
-        if queued:
-            self._schedule_flush(loop, own=own)
+        pending = self._pending.get(room_id)
+        if pending is None:
+            pending = self._pending[room_id] = Pending()
+        pending.add(texts, skips)
+        self._schedule_flush(loop, own=own)
 
     def reply(self, member: Member, text: str) -> bool:
         """Queue one text for one socket, behind what already waits for it in the outbox;
@@ -609,6 +644,7 @@ class Hub:
         """
         if member.write_frame is None or member in self._sending:
             return False
+        self._take_shares(member)
         self._queue(member, (serving.text_frame(text.encode()), [text], None))
         self._replied.add(member)
         if self._replies_handle is None:
@@ -621,6 +657,28 @@ class Hub:
         if chunks is None:
             self._outbox[member] = chunks = []
         chunks.append(chunk)
+
+    def _take_shares(self, member: Member) -> None:
+        """Move a member's share of what waits for its rooms to its own outbox, so that what
+        is queued for it next comes after."""
+        channel_name = getattr(member, "channel_name", None)
+        if channel_name is None or not self._pending:
+            return
+        for room_id in self._pending:
+            if channel_name in self.rooms.get(room_id, ()):
+                self._take_share(member, room_id)
+
+    def _take_share(self, member: Member, room_id: int) -> None:
+        pending = self._pending.get(room_id)
+        if pending is None:
+            return
+        chunk = pending.take(member.channel_name)
+        if chunk is None:
+            return
+        if member.write_frame is None:
+            self._send_later(member, chunk[1])
+        else:
+            self._queue(member, chunk)
 
     def _schedule_flush(self, loop: asyncio.AbstractEventLoop, *, own: bool) -> None:
         """See that the outbox is written: at once after a quiet spell, else once the load's
@@ -636,11 +694,13 @@ class Hub:
             due = self._last_flush + pace.interval(now) + pace.base
         else:
             due = self._last_flush + stretch
+        # A write due already is due: one queued earlier in this turn stays where it is.
+        due = max(due, now)
         if self._flush_handle is not None:
             if self._flush_due <= due:
                 return
             self._flush_handle.cancel()
-        if due <= now:
+        if due == now:
             self._flush_handle = loop.call_soon(self._flush)
             self._flush_due = now
         else:
@@ -648,16 +708,40 @@ class Hub:
             self._flush_due = due
 
     def _flush(self) -> None:
-        """Write what the outbox holds: one write per socket."""
+        """Write what waits, by room and by socket: one write per socket."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
             self._flush_due = math.inf
-        if not self._outbox:
+        if not self._outbox and not self._pending:
             # Replies took it all: nothing was written, so the next broadcast need not wait.
             return
         self._last_flush = asyncio.get_running_loop().time()
+        pending, self._pending = self._pending, {}
         outbox, self._outbox = self._outbox, {}
+        limit = self.backlog_limit
+        unsent = self._unsent
+        for room_id, waiting in pending.items():
+            local = self.rooms.get(room_id)
+            if not local:
+                continue
+            everything = b"".join(waiting.frames)
+            for member in tuple(local.values()):
+                backlog = member.backlog
+                if (backlog is not None and backlog() > limit) or (
+                    unsent and unsent.get(member, 0) > limit
+                ):
+                    self.drop_slow(member)
+                    outbox.pop(member, None)
+                    continue
+                chunk = waiting.share(member.channel_name, everything)
+                if chunk is None:
+                    continue
+                earlier = outbox.get(member)
+                if earlier is not None:
+                    earlier.append(chunk)
+                else:
+                    self._write(member, [chunk])
         for member, chunks in outbox.items():
             self._write(member, chunks)
 
@@ -710,6 +794,7 @@ class Hub:
     async def flush_to(self, member: Any) -> None:
         """Write what waits for one socket now, before something else is sent to it, so that
         every socket receives everything in the order it was sent."""
+        self._take_shares(member)
         chunks = self._outbox.pop(member, None)
         if chunks is not None:
             self._write(member, chunks)
@@ -750,11 +835,11 @@ class Hub:
         if getattr(sock, "dropped", False):
             return
         sock.dropped = True
-        self._outbox.pop(sock, None)
         channel_name = getattr(sock, "channel_name", None)
         for room_id, local in list(self.rooms.items()):
             if channel_name in local:
                 self.leave(local[channel_name], room_id)
+        self._outbox.pop(sock, None)
         self.slow_dropped += 1
         log.warning(
             "dropping %s: more than %d bytes unread (%d slow readers dropped so far)",

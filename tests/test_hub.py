@@ -136,6 +136,42 @@ async def test_broadcasts_to_a_socket_in_one_turn_of_the_loop_go_out_in_one_writ
     assert ann.writes == [frame_of(first) + frame_of(second)]
 
 
+async def test_deliveries_to_a_room_in_one_turn_are_one_shared_write_for_its_members():
+    ann, bob, cid = Writer("ann"), Writer("bob"), Writer("cid")
+    hub = await hub_with(ann, bob, cid, room_id=7)
+    mine, theirs = protocol.encode({"from": "here"}), protocol.encode({"from": "elsewhere"})
+
+    # This process's batch, then another process's, as with two processes under load.
+    await hub._deliver(7, [mine], ["cid"], own=True)
+    await hub._deliver(7, [theirs], [None])
+    await next_turn()
+
+    both = text_frame(mine.encode()) + text_frame(theirs.encode())
+    assert ann.writes == bob.writes == [both]
+    assert ann.writes[0] is bob.writes[0]  # joined once for the room, not once per member
+    assert cid.writes == [text_frame(theirs.encode())]
+
+
+async def test_a_member_gets_what_its_room_heard_while_it_was_in_and_nothing_else():
+    ann, bob = Writer("ann"), Writer("bob")
+    hub = await hub_with(ann, room_id=7, pace=busy())
+    await hub.broadcast(7, {"n": 1})
+    await next_turn()
+    ann.writes.clear()
+
+    # Within the interval: what the room hears waits for the next write.
+    await hub.broadcast(7, {"n": 2})
+    hub.attach(bob)
+    await hub.enter(bob, 7)
+    await hub.broadcast(7, {"n": 3})
+    hub.leave(ann, 7)
+    await hub.broadcast(7, {"n": 4})
+    hub._flush()
+
+    assert ann.writes == [frame_of({"n": 2}) + frame_of({"n": 3})]
+    assert bob.writes == [frame_of({"n": 3}) + frame_of({"n": 4})]
+
+
 async def test_what_waits_for_a_socket_is_written_before_anything_sent_after_it():
     ann = Writer("ann")
     hub = await hub_with(ann, room_id=7)
@@ -262,7 +298,7 @@ async def test_a_socket_the_hub_cannot_gauge_is_dropped_once_its_unsent_texts_pa
 
     for n in range(10):
         await hub.broadcast(7, {"n": n, "pad": "x" * 10})
-    await next_turn()
+        await next_turn()  # each written apart, as at separate intervals
 
     assert stuck.dropped is True
     assert hub.slow_dropped == 1
