@@ -152,9 +152,9 @@ def _prepared_statements() -> list[str]:
 
 
 def _as_sent(statement: str) -> str:
-    """A statement as psycopg sends it bound on the server: %s becomes $1, $2, ..."""
+    """A statement as psycopg sends it bound on the server: %s and %b become $1, $2, ..."""
     numbers = itertools.count(1)
-    return re.sub("%s", lambda _: f"${next(numbers)}", statement)
+    return re.sub("%[sb]", lambda _: f"${next(numbers)}", statement)
 
 
 @prepares
@@ -611,6 +611,16 @@ def test_messages_create_without_the_presence_check_stores_every_post():
     texts = dict(Message.objects.values_list("pk", "text"))
     assert [texts[message.pk] for message in stored] == ["one", "two"]
     assert len(texts) == 2
+
+
+def test_messages_create_stores_every_text_as_it_was_sent():
+    seat = connect("c1")
+    # What PostgreSQL's text format for arrays would have to quote or escape.
+    texts = ["{a,b}", 'say "hi"', "back\\slash", "NULL", "", " padded ", "é ✓ 𝄞", "a,b\n{}"]
+    posts = [post_in(seat, "c1", seat.nick, text) for text in texts]
+    stored = services.messages_create(posts=posts, check_presence=False)
+    rows = dict(Message.objects.values_list("pk", "text"))
+    assert [rows[message.pk] for message in stored] == texts
 
 
 @pytest.mark.django_db(transaction=True)
