@@ -47,11 +47,12 @@ MODES: dict[str, dict[str, Any]] = {
             # of two figures is uncertain by up to twice as much: at 0.1 a ratio near its
             # target turned on where the ladder's steps fell.
             "resolution": 0.05,
-            "max_steps": 16,
+            # Room for a confirming step after each failure (`Ladder` in loadgen.py).
+            "max_steps": 22,
             "step_s": 3,
             "warmup_s": 2,
             "drain_s": 5,
-            "budget_s": 90,
+            "budget_s": 120,
         },
         "many_rooms": {"duration_s": 10},
         "idle": {"connections": 2000, "hold_s": 2},
@@ -68,6 +69,8 @@ MODES: dict[str, dict[str, Any]] = {
             "factor": 2,
             "max_rate": 16000,
             "resolution": 0.3,
+            # No confirming step: the budget goes to the ladder, and the quick run is a check.
+            "confirm_failures": False,
             "max_steps": 12,
             "step_s": 1.5,
             "warmup_s": 1,
@@ -87,6 +90,7 @@ MODES: dict[str, dict[str, Any]] = {
             "factor": 2,
             "max_rate": 20,
             "resolution": 0.5,
+            "confirm_failures": False,
             "max_steps": 2,
             "step_s": 0.5,
             "warmup_s": 0,
