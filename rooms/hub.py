@@ -101,6 +101,10 @@ class Pending:
         self.start: dict[str, int] = {}
 
     def add(self, texts: list[str], skips: list[str | None]) -> None:
+        if len(texts) != len(skips):
+            # Refused here, where the caller hears of it, rather than in the flush that
+            # writes every room's broadcasts and every reply.
+            raise ValueError(f"{len(texts)} texts with {len(skips)} skips")
         self.frames.extend([serving.text_frame(text.encode()) for text in texts])
         self.texts.extend(texts)
         self.skips.extend(skips)
@@ -468,10 +472,17 @@ class Hub:
         self._orphans[channel_name] = shame
 
     async def enter(self, member: Member, room_id: int) -> None:
-        """Deliver the room's broadcasts to this member from now on."""
+        """Deliver the room's broadcasts to this member from now on.
+
+        A member is in one room at a time (a connection leaves its room before it enters
+        another): what waits is kept by room, so one write to a member of two rooms would
+        carry each room's broadcasts in order, but not the two rooms' interleaved.
+        """
         local = self.rooms.get(room_id)
         if local is None:
             local = self.rooms[room_id] = {}
+        if local.get(member.channel_name) is member:
+            return
         local[member.channel_name] = member
         pending = self._pending.get(room_id)
         if pending is not None:

@@ -172,6 +172,33 @@ async def test_a_member_gets_what_its_room_heard_while_it_was_in_and_nothing_els
     assert bob.writes == [frame_of({"n": 3}) + frame_of({"n": 4})]
 
 
+async def test_entering_a_room_a_member_is_in_already_keeps_what_waits_for_it():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7)
+
+    await hub.broadcast(7, {"n": 1})
+    await hub.enter(ann, 7)
+    await next_turn()
+
+    assert ann.writes == [frame_of({"n": 1})]
+
+
+async def test_a_malformed_delivery_is_refused_without_touching_what_waits():
+    ann, bob = Writer("ann"), Writer("bob")
+    hub = await hub_with(ann, room_id=7)
+    hub.attach(bob)
+    await hub.enter(bob, 8)
+    await hub.broadcast(7, {"n": 1})
+    assert hub.reply(bob, protocol.encode({"reply": True}))
+
+    with pytest.raises(ValueError):
+        await hub._deliver(8, [protocol.encode({"n": 2})], [])  # a skip short
+    await next_turn()
+
+    assert ann.writes == [frame_of({"n": 1})]
+    assert bob.writes == [frame_of({"reply": True})]
+
+
 async def test_what_waits_for_a_socket_is_written_before_anything_sent_after_it():
     ann = Writer("ann")
     hub = await hub_with(ann, room_id=7)
