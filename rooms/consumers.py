@@ -112,7 +112,7 @@ class FrameGuard(AsyncJsonWebsocketConsumer):
         send it itself (`send_after_queued`), None where nothing is left to do."""
         # A client that sends but never reads its replies is a slow reader too: under uvicorn
         # this send would block on flow control, under daphne the replies would pile up.
-        if self.backlog is not None and self.backlog() > self.hub.backlog_limit:
+        if self.hub.lagging(self):
             self.hub.drop_slow(self)
             return None
         text = protocol.encode(body)

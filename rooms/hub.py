@@ -121,16 +121,11 @@ class Pending:
         """One member's frames so far, which it will not be given again."""
         start = self.start.get(channel_name, 0)
         end = self.start[channel_name] = len(self.frames)
-        mine = [
-            (frame, text)
-            for frame, text, skip in zip(
-                self.frames[start:end], self.texts[start:end], self.skips[start:end], strict=True
-            )
-            if skip != channel_name
-        ]
-        if not mine:
+        skips = self.skips[start:end]
+        frames = _texts_for(channel_name, self.frames[start:end], skips)
+        if not frames:
             return None
-        return b"".join(frame for frame, _ in mine), [text for _, text in mine], None
+        return b"".join(frames), _texts_for(channel_name, self.texts[start:end], skips), None
 
     def skip_so_far(self, channel_name: str) -> None:
         """A member that enters the room now does not get what was broadcast before."""
@@ -306,6 +301,8 @@ class Hub:
         # (`reply`, and its share of its room's broadcasts before them), and the sockets with
         # a reply among them, which go out at the end of this turn of the event loop.
         self._pending: dict[int, Pending] = {}
+        # The room each member is in, so that a reply finds its share without a search.
+        self._room_of: dict[str, int] = {}
         self._outbox: dict[Member, list[Chunk]] = {}
         self._replied: set[Member] = set()
         self._flush_handle: asyncio.Handle | None = None
@@ -484,6 +481,7 @@ class Hub:
         if local.get(member.channel_name) is member:
             return
         local[member.channel_name] = member
+        self._room_of[member.channel_name] = room_id
         pending = self._pending.get(room_id)
         if pending is not None:
             pending.skip_so_far(member.channel_name)
@@ -503,6 +501,8 @@ class Hub:
         """
         local = self.rooms.get(room_id)
         if local is not None and local.pop(member.channel_name, None) is not None:
+            if self._room_of.get(member.channel_name) == room_id:
+                del self._room_of[member.channel_name]
             if not member.dropped:
                 # What the room heard while it was in still reaches it.
                 self._take_share(member, room_id)
@@ -670,25 +670,18 @@ class Hub:
         chunks.append(chunk)
 
     def _take_shares(self, member: Member) -> None:
-        """Move a member's share of what waits for its rooms to its own outbox, so that what
+        """Move a member's share of what waits for its room to its own outbox, so that what
         is queued for it next comes after."""
-        channel_name = getattr(member, "channel_name", None)
-        if channel_name is None or not self._pending:
-            return
-        for room_id in self._pending:
-            if channel_name in self.rooms.get(room_id, ()):
-                self._take_share(member, room_id)
+        room_id = self._room_of.get(getattr(member, "channel_name", None))
+        if room_id is not None:
+            self._take_share(member, room_id)
 
     def _take_share(self, member: Member, room_id: int) -> None:
         pending = self._pending.get(room_id)
         if pending is None:
             return
         chunk = pending.take(member.channel_name)
-        if chunk is None:
-            return
-        if member.write_frame is None:
-            self._send_later(member, chunk[1])
-        else:
+        if chunk is not None:
             self._queue(member, chunk)
 
     def _schedule_flush(self, loop: asyncio.AbstractEventLoop, *, own: bool) -> None:
@@ -730,18 +723,13 @@ class Hub:
         self._last_flush = asyncio.get_running_loop().time()
         pending, self._pending = self._pending, {}
         outbox, self._outbox = self._outbox, {}
-        limit = self.backlog_limit
-        unsent = self._unsent
         for room_id, waiting in pending.items():
             local = self.rooms.get(room_id)
             if not local:
                 continue
             everything = b"".join(waiting.frames)
             for member in tuple(local.values()):
-                backlog = member.backlog
-                if (backlog is not None and backlog() > limit) or (
-                    unsent and unsent.get(member, 0) > limit
-                ):
+                if self.lagging(member):
                     self.drop_slow(member)
                     outbox.pop(member, None)
                     continue
@@ -839,6 +827,13 @@ class Hub:
             self._unsent[member] = unsent
         else:
             self._unsent.pop(member, None)
+
+    def lagging(self, member: Member) -> bool:
+        """Whether more than the limit waits unsent for a socket: on the socket itself, as far
+        as the server lets us know, or in the chain of the server's sends (`_send_later`)."""
+        backlog = member.backlog
+        limit = self.backlog_limit
+        return (backlog is not None and backlog() > limit) or self._unsent.get(member, 0) > limit
 
     def drop_slow(self, sock: Socket) -> None:
         """Disconnect a reader that fell too far behind, rather than buffer for it without
