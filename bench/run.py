@@ -36,7 +36,11 @@ FANOUT_BASE = {
 MODES: dict[str, dict[str, Any]] = {
     "full": {
         "configs": list(CONFIGS),
-        "deadline_s": 14 * 60,
+        "deadline_s": 18 * 60,
+        # Fan-out ladders per configuration, the configurations taking turns (see ROUNDS_WHY).
+        "rounds": 2,
+        # A later round's ladder has less to find: it starts at half the earlier figure.
+        "later_budget_s": 75,
         "fanout": {
             "clients": 200,
             "senders": 5,
@@ -97,6 +101,9 @@ MODES: dict[str, dict[str, Any]] = {
             "drain_s": 2,
             "budget_s": 5,
         },
+        # Two, so that the smoke run goes through the rounds too.
+        "rounds": 2,
+        "later_budget_s": 5,
         "many_rooms": {
             "rooms": 3,
             "per_room": 4,
@@ -125,6 +132,20 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+ROUNDS_WHY = """\
+On a 2-core machine the servers, the load generator's processes, PostgreSQL and Redis share
+the CPU, and at the top of the ladder the machine is full. There a step's verdict turns on
+more than the offered rate: measured on the yardstick at a fixed 8,000 msg/s, 3-second steps,
+one run of ten steps failed every one (p99 0.3-2.2 s), the next failed the first five and
+passed four of the last five (p99 26-62 ms); another run failed 6,000 msg/s at 1.3 s and then
+passed 8,000 at 25 ms. Such a spell lasts tens of seconds, longer than a retried step, so
+one ladder's figure fell anywhere in a range of 2x between runs, and a ratio of two figures
+further still. So each configuration climbs the fan-out ladder more than once, in turns,
+minutes apart, and its figure is the best of its rounds: the rate it sustained when the
+machine let it. Every round's steps count for the no-loss target.
+"""
+
+
 def scenario_params(mode: str) -> dict[str, dict[str, Any]]:
     m = MODES[mode]
     return {
@@ -135,9 +156,14 @@ def scenario_params(mode: str) -> dict[str, dict[str, Any]]:
 
 
 def loadgen_timeout(params: dict[str, dict[str, Any]]) -> float:
-    f, r, i = params["fanout"], params["many_rooms"], params["idle"]
+    f, r, i = params["fanout"], params.get("many_rooms"), params.get("idle")
     return (
-        f["budget_s"] + 2 * f["step_s"] + 2 * f["drain_s"] + r["duration_s"] + i["deadline_s"] + 90
+        f["budget_s"]
+        + 2 * f["step_s"]
+        + 2 * f["drain_s"]
+        + (r["duration_s"] if r else 0)
+        + (i["deadline_s"] if i else 0)
+        + 90
     )
 
 
@@ -169,10 +195,13 @@ def run_loadgen(dep: Deployment, params: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def bench_config(name: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def bench_config(
+    name: str, params: dict[str, Any], args: argparse.Namespace, label: str | None = None
+) -> dict[str, Any]:
     dep = Deployment(CONFIGS[name], args.pg_url, args.redis_url)
     out: dict[str, Any] = {"config": name, "processes": dep.config.processes}
     t0 = time.monotonic()
+    name = label or name
     try:
         log(f"== {name}: starting {dep.config.processes} process(es)")
         dep.start()
@@ -200,6 +229,66 @@ def bench_config(name: str, params: dict[str, Any], args: argparse.Namespace) ->
     return out
 
 
+def later_round_params(
+    params: dict[str, Any], fanout: dict[str, Any], budget_s: float
+) -> dict[str, Any]:
+    """The fan-out alone, for another round of a configuration: from half the rate it
+    sustained so far (the steps below say nothing new), within a smaller budget."""
+    p = dict(params["fanout"])
+    top = get(fanout, "max_sustained", "offered_msgs_per_s")
+    if top:
+        p["start_rate"] = max(p["start_rate"], top / p["factor"])
+    p["budget_s"] = budget_s
+    return {"fanout": p}
+
+
+def wants_another_round(result: dict[str, Any]) -> bool:
+    """Whether a configuration's fan-out ran in the first round, so another can be compared."""
+    fanout = get(result, "scenarios", "fanout") or {}
+    return result.get("status") == "ok" and "error" not in fanout and bool(fanout.get("steps"))
+
+
+def add_round(result: dict[str, Any], again: dict[str, Any], number: int) -> None:
+    """Fold a later round of a configuration into its result: every round's steps (each
+    marked with its round), and the figure of the round that sustained the most.
+
+    A later round that failed does not take the earlier figures away, but it is reported
+    like any other problem and makes the configuration's status an error.
+    """
+    fanout = result["scenarios"]["fanout"]
+    if "rounds" not in fanout:
+        for s in fanout["steps"]:
+            s["round"] = 1
+        fanout["rounds"] = [round_summary(fanout, 1)]
+        if fanout.get("max_sustained"):
+            fanout["max_sustained"]["round"] = 1
+    later = get(again, "scenarios", "fanout") or {}
+    problem = again.get("error") or later.get("error")
+    if problem:
+        result.setdefault("round_errors", []).append(f"fanout round {number}: {problem}")
+    if again.get("status") != "ok":
+        result["status"] = "error"
+    steps = [{**s, "round": number} for s in later.get("steps") or []]
+    fanout["steps"].extend(steps)
+    fanout["rounds"].append(round_summary(later, number))
+    result["wall_s"] = round(result.get("wall_s", 0) + again.get("wall_s", 0), 1)
+    best = get(later, "max_sustained", "deliveries_per_s")
+    if best is not None and best > (get(fanout, "max_sustained", "deliveries_per_s") or 0):
+        fanout["max_sustained"] = {**later["max_sustained"], "round": number}
+        fanout["saturated"] = later.get("saturated")
+
+
+def round_summary(fanout: dict[str, Any], number: int) -> dict[str, Any]:
+    return {
+        "round": number,
+        "steps": len(fanout.get("steps") or []),
+        "max_deliveries_per_s": get(fanout, "max_sustained", "deliveries_per_s"),
+        "at_msgs_per_s": get(fanout, "max_sustained", "offered_msgs_per_s"),
+        "saturated": fanout.get("saturated"),
+        "error": fanout.get("error"),
+    }
+
+
 def get(d: Any, *path: str) -> Any:
     for key in path:
         if not isinstance(d, dict):
@@ -221,7 +310,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cost = cpu_us_per_delivery(best)
         problems = [
             f"{k}: {v['error']}" for k, v in (r.get("scenarios") or {}).items() if "error" in v
-        ]
+        ] + r.get("round_errors", [])
         if r.get("error"):
             problems.insert(0, r["error"])
         rows.append(
@@ -237,6 +326,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "server_cpu_us_per_delivery": cost,
                 "cpu_vs_yardstick": round(yard_cost / cost, 3) if cost and yard_cost else None,
                 "saturated": get(r, "scenarios", "fanout", "saturated"),
+                "round_figures": [
+                    x["max_deliveries_per_s"] for x in get(r, "scenarios", "fanout", "rounds") or []
+                ],
                 "many_rooms_ratio": rooms.get("delivery_ratio"),
                 "many_rooms_p99_ms": get(rooms, "latency", "p99_ms"),
                 "idle_kb_per_conn": idle.get("kb_per_connection"),
@@ -303,6 +395,13 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
             f"{fmt(row['idle_kb_per_conn'], '.1f'):>12} "
             f"{fmt(row['idle_connects_per_s'], ',.0f'):>7}"
         )
+    rounds = [row for row in rows if len(row.get("round_figures") or []) > 1]
+    if rounds:
+        log("fan-out rounds, max deliv/s of each (the table has the best):")
+        for row in rounds:
+            log(
+                f"  {row['config']:<11} " + " | ".join(fmt(v, ",.0f") for v in row["round_figures"])
+            )
     for row in rows:
         for problem in row["problems"]:
             log(f"  ! {row['config']}: {problem.splitlines()[0][:200]}")
@@ -621,6 +720,38 @@ def print_targets(targets: list[dict[str, Any]], mode: str) -> None:
     )
 
 
+def chart_round(
+    ax1: Any, ax2: Any, steps: list[dict[str, Any]], config: str, number: int, color: Any
+) -> Any:
+    """One round of one configuration's fan-out steps, in its colour (the first round's
+    line, solid and labelled, sets it; later rounds are dashed)."""
+    x = [s["offered_deliveries_per_s"] for s in steps]
+    style = "-" if number == 1 else "--"
+    label = config if number == 1 else None
+    line = ax1.plot(x, [s["latency"]["p99_ms"] for s in steps], style, color=color, label=label)[0]
+    color = line.get_color()
+    ok = [s for s in steps if s.get("ok")]
+    bad = [s for s in steps if not s.get("ok")]
+    ax1.scatter(
+        [s["offered_deliveries_per_s"] for s in ok],
+        [s["latency"]["p99_ms"] for s in ok],
+        color=color,
+        marker="o",
+        s=22,
+    )
+    ax1.scatter(
+        [s["offered_deliveries_per_s"] for s in bad],
+        [s["latency"]["p99_ms"] for s in bad],
+        color=color,
+        marker="x",
+        s=40,
+    )
+    ax2.plot(
+        x, [s["delivered_per_s"] for s in steps], style, marker="o", color=color, ms=3, label=label
+    )
+    return color
+
+
 def draw_chart(results: list[dict[str, Any]], path: Path, title: str, fan: int) -> None:
     import matplotlib
 
@@ -629,40 +760,18 @@ def draw_chart(results: list[dict[str, Any]], path: Path, title: str, fan: int) 
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     for r in results:
-        steps = sorted(
-            get(r, "scenarios", "fanout", "steps") or [],
-            key=lambda s: s["offered_deliveries_per_s"],
-        )
-        steps = [s for s in steps if s["latency"]["p99_ms"] is not None]
-        if not steps:
-            continue
-        x = [s["offered_deliveries_per_s"] for s in steps]
-        line = ax1.plot(x, [s["latency"]["p99_ms"] for s in steps], "-", label=r["config"])[0]
-        color = line.get_color()
-        ok = [s for s in steps if s.get("ok")]
-        bad = [s for s in steps if not s.get("ok")]
-        ax1.scatter(
-            [s["offered_deliveries_per_s"] for s in ok],
-            [s["latency"]["p99_ms"] for s in ok],
-            color=color,
-            marker="o",
-            s=22,
-        )
-        ax1.scatter(
-            [s["offered_deliveries_per_s"] for s in bad],
-            [s["latency"]["p99_ms"] for s in bad],
-            color=color,
-            marker="x",
-            s=40,
-        )
-        ax2.plot(
-            x,
-            [s["delivered_per_s"] for s in steps],
-            "-o",
-            color=color,
-            ms=3,
-            label=r["config"],
-        )
+        every = [
+            s
+            for s in get(r, "scenarios", "fanout", "steps") or []
+            if s["latency"]["p99_ms"] is not None
+        ]
+        color = None
+        for number in sorted({s.get("round", 1) for s in every}):
+            steps = sorted(
+                (s for s in every if s.get("round", 1) == number),
+                key=lambda s: s["offered_deliveries_per_s"],
+            )
+            color = chart_round(ax1, ax2, steps, r["config"], number, color)
     ax1.axhline(200, color="grey", ls="--", lw=1)
     ax1.text(
         0.01,
@@ -679,7 +788,7 @@ def draw_chart(results: list[dict[str, Any]], path: Path, title: str, fan: int) 
         ax.legend(fontsize=8)
     ax1.set_yscale("log")
     ax1.set_ylabel("p99 delivery latency (ms)")
-    ax1.set_title("p99 latency vs offered load (x = step failed)")
+    ax1.set_title("p99 latency vs offered load (x = step failed; dashed = a later round)")
     ax2.set_yscale("log")
     ax2.set_ylabel("delivered/s")
     ax2.set_title("delivered vs offered")
@@ -769,6 +878,23 @@ def main() -> int:
             results.append({"config": name, "status": "skipped", "error": "time budget spent"})
             continue
         results.append(bench_config(name, params, args))
+    for number in range(2, MODES[mode].get("rounds", 1) + 1):
+        for result in results:
+            if not wants_another_round(result):
+                continue
+            name = result["config"]
+            need = min(MODES[mode]["later_budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
+            if time.monotonic() + need > deadline:
+                log(f"== {name}: round {number} skipped, the run's time budget is spent")
+                continue
+            fanout = result["scenarios"]["fanout"]
+            again = bench_config(
+                name,
+                later_round_params(params, fanout, MODES[mode]["later_budget_s"]),
+                args,
+                label=f"{name} round {number}",
+            )
+            add_round(result, again, number)
     rows = summarize(results)
     print_table(rows, params["fanout"]["clients"])
     by_name = {r["config"]: r for r in results}

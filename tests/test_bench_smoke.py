@@ -53,6 +53,9 @@ def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
             assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= step["latency"].keys()
             assert step["errors"] == 0
         assert fanout["max_sustained"]["deliveries_per_s"] > 0
+        # Two rounds, each on a freshly started server, each step counted in full above.
+        assert [r["round"] for r in fanout["rounds"]] == [1, 2]
+        assert {s["round"] for s in fanout["steps"]} == {1, 2}
 
         rooms = config["scenarios"]["many_rooms"]
         assert rooms["received"] > 0
