@@ -200,13 +200,13 @@ def bench_config(
     dep = Deployment(CONFIGS[name], args.pg_url, args.redis_url)
     out: dict[str, Any] = {"config": name, "processes": dep.config.processes}
     t0 = time.monotonic()
-    name = label or name
+    shown = label or name  # what the progress lines call it
     try:
-        log(f"== {name}: starting {dep.config.processes} process(es)")
+        log(f"== {shown}: starting {dep.config.processes} process(es)")
         dep.start()
         out["ports"] = dep.ports
         out["startup_s"] = dep.startup_s
-        log(f"== {name}: ready on port(s) {dep.ports} after {dep.startup_s}s")
+        log(f"== {shown}: ready on port(s) {dep.ports} after {dep.startup_s}s")
         result = run_loadgen(dep, params)
         out.update(result)
         dead = dep.dead()
@@ -217,14 +217,14 @@ def bench_config(
             out["server_log_tail"] = dep.log_tails()
     except StartError as exc:
         out["error"] = f"failed to start: {exc}"
-        log(f"== {name}: {out['error']}")
+        log(f"== {shown}: {out['error']}")
     finally:
         dep.stop()
         dep.cleanup()
     out["notes"] = dep.notes
     out["status"] = "error" if "error" in out else "ok"
     out["wall_s"] = round(time.monotonic() - t0, 1)
-    log(f"== {name}: {out['status']} in {out['wall_s']}s")
+    log(f"== {shown}: {out['status']} in {out['wall_s']}s")
     return out
 
 
@@ -729,22 +729,15 @@ def chart_round(
     label = config if number == 1 else None
     line = ax1.plot(x, [s["latency"]["p99_ms"] for s in steps], style, color=color, label=label)[0]
     color = line.get_color()
-    ok = [s for s in steps if s.get("ok")]
-    bad = [s for s in steps if not s.get("ok")]
-    ax1.scatter(
-        [s["offered_deliveries_per_s"] for s in ok],
-        [s["latency"]["p99_ms"] for s in ok],
-        color=color,
-        marker="o",
-        s=22,
-    )
-    ax1.scatter(
-        [s["offered_deliveries_per_s"] for s in bad],
-        [s["latency"]["p99_ms"] for s in bad],
-        color=color,
-        marker="x",
-        s=40,
-    )
+    for passed, marker, size in ((True, "o", 22), (False, "x", 40)):
+        shown = [s for s in steps if bool(s.get("ok")) is passed]
+        ax1.scatter(
+            [s["offered_deliveries_per_s"] for s in shown],
+            [s["latency"]["p99_ms"] for s in shown],
+            color=color,
+            marker=marker,
+            s=size,
+        )
     ax2.plot(
         x, [s["delivered_per_s"] for s in steps], style, marker="o", color=color, ms=3, label=label
     )
