@@ -26,6 +26,8 @@ DEFAULT_ROOM = "Default"
 T = TypeVar("T")
 # Rows per multi-row statement: four parameters each stays under SQLite's oldest limit of 999.
 _ROWS_PER_STATEMENT = 200
+# Rows per INSERT from arrays (PostgreSQL): four parameters whatever the number of rows.
+_ROWS_PER_ARRAY_STATEMENT = 10_000
 
 
 class NickInUse(Exception):
@@ -379,7 +381,8 @@ def messages_create(
     arrive together, which is what keeps the database off the hot path under load. A caller
     that knows its connections cannot have been swept may skip the check.
     """
-    if check_presence or len(posts) > _ROWS_PER_STATEMENT or connection.in_atomic_block:
+    one_statement = len(posts) <= _rows_per_insert()
+    if check_presence or not one_statement or connection.in_atomic_block:
         # Inside a caller's transaction, the savepoint keeps a failed batch from breaking it.
         return _messages_create_checked(posts=posts, check_presence=check_presence)
     # The hot path: one INSERT is a transaction of its own, so it runs in autocommit, one
@@ -407,13 +410,25 @@ def _messages_create_checked(
                 present.update(row[0] for row in cursor.fetchall())
     ids: list[int] = []
     with prepared.cursor() as cursor:
-        for chunk in _batches(_kept(posts, present)):
+        for chunk in _batches(_kept(posts, present), _rows_per_insert()):
             ids.extend(_insert_messages(cursor, chunk, now))
     return _stored_all(posts, ids, now, present=present)
 
 
+def _rows_per_insert() -> int:
+    """How many messages one INSERT takes on this connection's database.
+
+    A batch grows when the database falls behind (the hub makes them up to 500 posts), and
+    past one statement it needs a transaction around its statements: BEGIN and COMMIT, two
+    more round trips per batch just when the database is the bottleneck.
+    """
+    if "post_arrays" in _sql(connection.vendor):
+        return _ROWS_PER_ARRAY_STATEMENT
+    return _ROWS_PER_STATEMENT
+
+
 def _insert_messages(cursor, posts: list[Post], now: datetime) -> list[int]:
-    """Insert up to _ROWS_PER_STATEMENT messages in one statement; their ids, in order."""
+    """Insert the messages of one statement (`_rows_per_insert`); their ids, in order."""
     # Plain SQL, as for presence: under load this runs for every batch, and building the
     # ORM's INSERT took twice as long as SQLite took to run it.
     sql = _sql(connection.vendor)
@@ -458,10 +473,10 @@ def _stored_all(
     ]
 
 
-def _batches(items: list[T]) -> Iterator[list[T]]:
-    """`items` in runs of at most _ROWS_PER_STATEMENT, one multi-row statement each."""
-    for start in range(0, len(items), _ROWS_PER_STATEMENT):
-        yield items[start : start + _ROWS_PER_STATEMENT]
+def _batches(items: list[T], size: int = _ROWS_PER_STATEMENT) -> Iterator[list[T]]:
+    """`items` in runs of at most `size`, one statement each."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def presence_heartbeat(*, process: str) -> int:

@@ -9,7 +9,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from rooms import prepared, selectors, services
+from rooms import hub, prepared, selectors, services
 from rooms.models import Message, Nickname, Presence, Room, name_key
 from rooms.protocol import timestamp
 
@@ -623,13 +623,21 @@ def test_messages_create_stores_every_text_as_it_was_sent():
     assert [rows[message.pk] for message in stored] == texts
 
 
+# On PostgreSQL the largest batch the hub makes (one INSERT from arrays); on SQLite the largest
+# multi-row VALUES list.
+LARGEST_ONE_STATEMENT = (
+    hub.MAX_BATCH if connection.vendor == "postgresql" else services._ROWS_PER_STATEMENT
+)
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_batch_of_messages_is_one_statement_that_commits_by_itself(monkeypatch):
+@pytest.mark.parametrize("size", [3, LARGEST_ONE_STATEMENT])
+def test_a_batch_of_messages_is_one_statement_that_commits_by_itself(monkeypatch, size):
     seat = connect("c1")
     commits = []
     commit = connection.commit
     monkeypatch.setattr(connection, "commit", lambda: (commits.append(1), commit()))
-    posts = [post_in(seat, "c1", seat.nick, f"m{i}") for i in range(3)]
+    posts = [post_in(seat, "c1", seat.nick, f"m{i}") for i in range(size)]
     with CaptureQueriesContext(connection) as queries:
         stored = services.messages_create(posts=posts, check_presence=False)
     table = connection.ops.quote_name(Message._meta.db_table)
