@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
+from probe import unit_ms
 from wsclient import WSClient, connect
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ class Bench:
         self.control_frames = 0
         self.next_cid = 0
         self.servers = Servers(pids)
+        # Where bench/probe.py writes how fast the machine runs its fixed work, if it runs.
+        self.probe_path: str | None = None
         # The fan-out's receiving clients, when they live in processes of their own.
         self.receivers: Receivers | None = None
 
@@ -473,6 +476,7 @@ async def run_step(
             sent += 1
         await asyncio.sleep(max(0.001, (due / rate) - (time.monotonic() - t0)))
     t_send = time.monotonic()
+    t_send_ns = time.monotonic_ns()
     window = t_send - t0
     cpu1, lg1, host1 = bench.servers.cpu_seconds(), time.process_time(), host_clock()
     rcpu1 = receivers.cpu_seconds() if receivers is not None else []
@@ -527,6 +531,7 @@ async def run_step(
         "loadgen_cpu_pct": round(max(lg_pct), 1) if window > 0 else None,
         "loadgen_cpu_pct_all": [round(v, 1) for v in lg_pct],
         "host_steal_pct": steal_pct(host0, host1),
+        "probe_ms": unit_ms(bench.probe_path, t0_ns, t_send_ns),
         "drain_s": round(time.monotonic() - t_send, 3),
     }
 
@@ -540,8 +545,12 @@ def fmt_step(label: str, name: str, r: dict[str, Any], ok: bool | None = None) -
         f"({r['offered_deliveries_per_s']:>9,.0f} deliv/s) -> {r['delivered_per_s']:>9,.0f}/s "
         f"ratio {r['delivery_ratio'] or 0:.3f} p99 {p99_text} ms "
         f"err {r['errors']} | cpu server {r['server_cpu_pct']}% loadgen {r['loadgen_cpu_pct']}% "
-        f"steal {r['host_steal_pct']}%{verdict}"
+        f"steal {r['host_steal_pct']}% probe {fmt_ms(r.get('probe_ms'))}{verdict}"
     )
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}ms"
 
 
 async def user_count(client: Client, room: str, timeout: float) -> int | None:
@@ -701,6 +710,7 @@ def max_sustained(best: dict[str, Any] | None) -> dict[str, Any] | None:
         "server_cpu_pct": best["server_cpu_pct"],
         "loadgen_cpu_pct": best["loadgen_cpu_pct"],
         "host_steal_pct": best.get("host_steal_pct"),
+        "probe_ms": best.get("probe_ms"),
     }
 
 
@@ -778,6 +788,7 @@ SCENARIOS = {
 
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
     bench = Bench(spec["ports"], spec["server_pids"])
+    bench.probe_path = spec.get("probe_path")
     label = spec["label"]
     out: dict[str, Any] = {"label": label, "nonce": bench.nonce, "scenarios": {}}
     out["server_rss_start_bytes"] = bench.servers.rss()

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from probe import SCRIPT as PROBE_SCRIPT
 from servers import BENCH_DIR, CONFIGS, REPO_ROOT, Deployment, StartError, raise_nofile
 
 FANOUT_BASE = {
@@ -125,6 +126,9 @@ LG_BUSY_PCT = 85
 # Above this share of the machine's CPU taken by its host (steal), a configuration's figures
 # describe the host's load as much as the server.
 STEAL_WARN_PCT = 10
+# Below this share of its fastest speed in the run, a configuration's best step ran on a machine
+# too slow to compare it with one measured at full speed (bench/probe.py).
+SLOW_SPEED = 0.8
 IDLE_BASE = {"room_size": 10, "concurrency": 64, "timeout_s": 10, "deadline_s": 60}
 
 
@@ -166,12 +170,15 @@ def loadgen_timeout(params: dict[str, dict[str, Any]]) -> float:
     )
 
 
-def run_loadgen(dep: Deployment, params: dict[str, Any]) -> dict[str, Any]:
+def run_loadgen(
+    dep: Deployment, params: dict[str, Any], probe_path: Path | None = None
+) -> dict[str, Any]:
     spec = {
         "label": dep.config.name,
         "ports": dep.ports,
         "server_pids": dep.pids,
         "scenarios": params,
+        "probe_path": str(probe_path) if probe_path else None,
     }
     try:
         done = subprocess.run(
@@ -207,7 +214,7 @@ def bench_config(
         out["ports"] = dep.ports
         out["startup_s"] = dep.startup_s
         log(f"== {shown}: ready on port(s) {dep.ports} after {dep.startup_s}s")
-        result = run_loadgen(dep, params)
+        result = run_loadgen(dep, params, getattr(args, "probe_path", None))
         out.update(result)
         dead = dep.dead()
         if dead:
@@ -296,7 +303,20 @@ def get(d: Any, *path: str) -> Any:
     return d
 
 
+def fastest_probe_ms(results: list[dict[str, Any]]) -> float | None:
+    """The least time the probe's work took in any fan-out step of the run: the machine at
+    its fastest in this run."""
+    seen = [
+        step.get("probe_ms")
+        for r in results
+        for step in get(r, "scenarios", "fanout", "steps") or []
+        if isinstance(step, dict)
+    ]
+    return min((v for v in seen if v), default=None)
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fastest = fastest_probe_ms(results)
     yard = next((r for r in results if r["config"] == "yardstick"), None)
     yard_max = get(yard, "scenarios", "fanout", "max_sustained", "deliveries_per_s")
     yard_cost = cpu_us_per_delivery(get(yard, "scenarios", "fanout", "max_sustained") or {})
@@ -307,6 +327,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         idle = get(r, "scenarios", "idle") or {}
         value = best.get("deliveries_per_s")
         cost = cpu_us_per_delivery(best)
+        probe_ms = best.get("probe_ms")
         problems = [
             f"{k}: {v['error']}" for k, v in (r.get("scenarios") or {}).items() if "error" in v
         ] + r.get("round_errors", [])
@@ -324,6 +345,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loadgen_cpu_pct_at_max": best.get("loadgen_cpu_pct"),
                 "server_cpu_us_per_delivery": cost,
                 "cpu_vs_yardstick": round(yard_cost / cost, 3) if cost and yard_cost else None,
+                "probe_ms_at_max": probe_ms,
+                "speed_at_max": round(fastest / probe_ms, 2) if fastest and probe_ms else None,
                 "saturated": get(r, "scenarios", "fanout", "saturated"),
                 "round_figures": [
                     x["max_deliveries_per_s"] for x in get(r, "scenarios", "fanout", "rounds") or []
@@ -373,6 +396,7 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
     header = (
         f"{'config':<11} {'status':<6} {'max deliv/s':>11} {'vs yard':>7} {'@msg/s':>7} "
         f"{'p99 ms':>7} {'srv CPU%':>8} {'lg CPU%':>7} {'us/deliv':>8} {'cpu vs yard':>11} "
+        f"{'speed':>5} "
         f"| {'rooms ratio':>11} {'rooms p99':>9} "
         f"| {'idle KB/conn':>12} {'conn/s':>7}"
     )
@@ -388,7 +412,8 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
             f"{fmt(row['p99_ms_at_max'], '.1f'):>7} {fmt(row['server_cpu_pct_at_max'], '.0f'):>8} "
             f"{lg_cell(row['loadgen_cpu_pct_at_max']):>7} "
             f"{fmt(row['server_cpu_us_per_delivery'], '.2f'):>8} "
-            f"{fmt(row['cpu_vs_yardstick'], '.2f'):>11} | "
+            f"{fmt(row['cpu_vs_yardstick'], '.2f'):>11} "
+            f"{fmt(row.get('speed_at_max'), '.2f'):>5} | "
             f"{fmt(row['many_rooms_ratio'], '.4f'):>11} "
             f"{fmt(row['many_rooms_p99_ms'], '.1f'):>9} | "
             f"{fmt(row['idle_kb_per_conn'], '.1f'):>12} "
@@ -404,6 +429,13 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
     for row in rows:
         for problem in row["problems"]:
             log(f"  ! {row['config']}: {problem.splitlines()[0][:200]}")
+        speed = row.get("speed_at_max")
+        if speed is not None and speed < SLOW_SPEED:
+            log(
+                f"  ! {row['config']}: its best step ran with the machine at {speed:.2f} of its "
+                "fastest in this run (the probe's fixed work took that much longer): its figure "
+                "is the machine's as much as its own"
+            )
         steal = row.get("host_steal_pct_max")
         if steal is not None and steal >= STEAL_WARN_PCT:
             log(
@@ -418,7 +450,9 @@ def print_table(rows: list[dict[str, Any]], clients: int) -> None:
         f"'!' = lg >= {LG_BUSY_PCT}%, the generator may share the limit. us/deliv: server "
         "CPU microseconds per delivered message in that step; cpu vs yard: the yardstick's "
         "us/deliv divided by this one's (1.00 = as cheap per delivery as the yardstick), the "
-        "fairer ratio when the generator limits both."
+        "fairer ratio when the generator limits both. speed: how fast the machine ran a fixed "
+        "piece of work during that step (bench/probe.py), against the fastest it ran it in "
+        "any fan-out step of this run (1.00)."
     )
 
 
@@ -859,6 +893,25 @@ def main() -> int:
     params["fanout"]["receiver_processes"] = max(0, args.receivers)
     started = datetime.now(UTC)
     t0 = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.probe_path = args.out / "probe.txt"
+    args.probe_path.write_text("")
+    probe = subprocess.Popen([sys.executable, PROBE_SCRIPT, str(args.probe_path)])
+    try:
+        return run_configs(args, mode, configs, params, started, t0)
+    finally:
+        probe.terminate()
+        probe.wait(10)
+
+
+def run_configs(
+    args: argparse.Namespace,
+    mode: str,
+    configs: list[str],
+    params: dict[str, Any],
+    started: datetime,
+    t0: float,
+) -> int:
     log(f"chat bench, mode {mode}: {', '.join(configs)}")
     results = []
     deadline = t0 + MODES[mode]["deadline_s"]
@@ -893,7 +946,6 @@ def main() -> int:
     targets = evaluate_targets(rows, by_name, mode)
     print_targets(targets, mode)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "results.json"
     png_path = args.out / "latency.png"
     report = {
@@ -909,6 +961,8 @@ def main() -> int:
             "versions": versions(),
             "git_commit": git_commit(),
             "params": params,
+            # The probe's fastest unit of work in the run: what "speed" 1.00 stands for.
+            "probe_fastest_ms": fastest_probe_ms(results),
         },
         "summary": rows,
         "targets": targets,

@@ -52,6 +52,10 @@ def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
             assert "delivery_ratio" in step
             assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= step["latency"].keys()
             assert step["errors"] == 0
+        # How fast the machine ran the probe's work meanwhile (a step can fall between samples
+        # on a starved machine, so not every step need have one).
+        timed = [step["probe_ms"] for step in fanout["steps"] if step["probe_ms"] is not None]
+        assert timed and min(timed) > 0
         assert fanout["max_sustained"]["deliveries_per_s"] > 0
         # Two rounds, each on a freshly started server, each step counted in full above.
         assert [r["round"] for r in fanout["rounds"]] == [1, 2]
@@ -69,6 +73,10 @@ def test_bench_smoke_against_yardstick_and_server(tmp_path: Path) -> None:
     for row in report["summary"]:
         for key in ("max_deliveries_per_s", "many_rooms_ratio", "idle_kb_per_conn"):
             assert key in row
+        # Against the fastest the machine ran the probe's work in any step of the run.
+        assert row["speed_at_max"] is None or 0 < row["speed_at_max"] <= 1
+    assert report["meta"]["probe_fastest_ms"] > 0
+    assert (tmp_path / "probe.txt").read_text().strip()
 
     # Smoke loads are too small to judge the targets: listed, never met or missed.
     assert report["targets"]
