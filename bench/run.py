@@ -129,6 +129,8 @@ STEAL_WARN_PCT = 10
 # Below this share of its fastest speed in the run, a configuration's best step ran on a machine
 # too slow to compare it with one measured at full speed (bench/probe.py).
 SLOW_SPEED = 0.8
+# Two figures measured this far apart in speed compare the machine's spells as well as the servers.
+SPEED_GAP = 0.15
 IDLE_BASE = {"room_size": 10, "concurrency": 64, "timeout_s": 10, "deadline_s": 60}
 
 
@@ -589,9 +591,19 @@ def ratio_target(
         ),
         bound=bound,
         settled=bound_settles(bound, met),
-        note=bound_note(bound, config, reference),
+        note="; ".join(n for n in (bound_note(bound, config, reference), speed_note(row, ref)) if n)
+        or None,
     )
     return entry
+
+
+def speed_note(row: dict[str, Any], ref: dict[str, Any]) -> str | None:
+    """Whether the two figures of a ratio were measured with the machine at different speeds
+    (bench/probe.py): the ratio is then partly the machine's."""
+    speeds = row.get("speed_at_max"), ref.get("speed_at_max")
+    if None in speeds or abs(speeds[0] - speeds[1]) < SPEED_GAP:
+        return None
+    return f"machine speed {speeds[0]:.2f} against {speeds[1]:.2f}"
 
 
 def steps_below_saturation(fanout: dict[str, Any]) -> list[dict[str, Any]]:

@@ -427,3 +427,23 @@ def test_a_configuration_measured_while_the_host_took_the_cpu_is_flagged(
     assert [row["host_steal_pct_max"] for row in rows[:3]] == [None, 2.0, 52.0]
     assert "uvicorn-1: the host took up to 52% of this machine's CPU (steal)" in out
     assert "daphne-1: the host took" not in out
+
+
+def test_a_ratio_of_figures_measured_at_different_machine_speeds_says_so() -> None:
+    results = full_run()
+    speeds = {"yardstick": 1.5, "uvicorn-1": 2.5, "daphne-1": 1.6, "daphne-2": 2.6}
+    for result in results:
+        probe_ms = speeds.get(result["config"])
+        for s in result["scenarios"]["fanout"]["steps"]:
+            s["probe_ms"] = probe_ms
+        result["scenarios"]["fanout"]["max_sustained"]["probe_ms"] = probe_ms
+
+    targets = judge(results)
+
+    # 1.5 ms is the run's fastest: uvicorn-1 ran at 0.60 of it, the yardstick at 1.00.
+    assert find(targets, 1, "uvicorn-1")["note"] == "machine speed 0.60 against 1.00"
+    assert find(targets, 1, "daphne-1")["note"] is None  # 0.94 against 1.00: close enough
+    assert find(targets, 2, "daphne-2")["note"] == "machine speed 0.58 against 0.94"
+    assert find(targets, 2, "uvicorn-2")["note"] is None  # uvicorn-2 has no probe figure
+    # The verdict stays the figures' own.
+    assert find(targets, 1, "uvicorn-1")["status"] == "met"
