@@ -12,12 +12,14 @@ Run it with the project's virtualenv python, from the repository root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -216,7 +218,7 @@ def bench_config(
         out["ports"] = dep.ports
         out["startup_s"] = dep.startup_s
         log(f"== {shown}: ready on port(s) {dep.ports} after {dep.startup_s}s")
-        result = run_loadgen(dep, params, getattr(args, "probe_path", None))
+        result = run_loadgen(dep, params, args.probe_path)
         out.update(result)
         dead = dep.dead()
         if dead:
@@ -871,6 +873,52 @@ def git_commit() -> str | None:
     return (done.stdout.decode().strip() or None) if done.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def machine_probe(path: Path) -> Iterator[None]:
+    """Run bench/probe.py, writing to `path`, for as long as the block runs."""
+    path.write_text("")
+    probe = subprocess.Popen([sys.executable, PROBE_SCRIPT, str(path)])
+    try:
+        yield
+    finally:
+        probe.terminate()
+        probe.wait(10)
+
+
+def run_rounds(
+    args: argparse.Namespace, mode: str, configs: list[str], params: dict[str, Any], t0: float
+) -> list[dict[str, Any]]:
+    """Every configuration in turn, then the later fan-out rounds, within the mode's deadline."""
+    results: list[dict[str, Any]] = []
+    deadline = t0 + MODES[mode]["deadline_s"]
+    for name in configs:
+        # Keep the whole run bounded: a configuration needs roughly this much time.
+        need = min(params["fanout"]["budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
+        if time.monotonic() + need > deadline:
+            log(f"== {name}: skipped, the run's time budget is spent")
+            results.append({"config": name, "status": "skipped", "error": "time budget spent"})
+            continue
+        results.append(bench_config(name, params, args))
+    for number in range(2, MODES[mode].get("rounds", 1) + 1):
+        for result in results:
+            if not wants_another_round(result):
+                continue
+            name = result["config"]
+            need = min(MODES[mode]["later_budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
+            if time.monotonic() + need > deadline:
+                log(f"== {name}: round {number} skipped, the run's time budget is spent")
+                continue
+            fanout = result["scenarios"]["fanout"]
+            again = bench_config(
+                name,
+                later_round_params(params, fanout, MODES[mode]["later_budget_s"]),
+                args,
+                label=f"{name} round {number}",
+            )
+            add_round(result, again, number)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Chat server benchmark (loopback only).")
     group = parser.add_mutually_exclusive_group()
@@ -907,51 +955,9 @@ def main() -> int:
     t0 = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     args.probe_path = args.out / "probe.txt"
-    args.probe_path.write_text("")
-    probe = subprocess.Popen([sys.executable, PROBE_SCRIPT, str(args.probe_path)])
-    try:
-        return run_configs(args, mode, configs, params, started, t0)
-    finally:
-        probe.terminate()
-        probe.wait(10)
-
-
-def run_configs(
-    args: argparse.Namespace,
-    mode: str,
-    configs: list[str],
-    params: dict[str, Any],
-    started: datetime,
-    t0: float,
-) -> int:
     log(f"chat bench, mode {mode}: {', '.join(configs)}")
-    results = []
-    deadline = t0 + MODES[mode]["deadline_s"]
-    for name in configs:
-        # Keep the whole run bounded: a configuration needs roughly this much time.
-        need = min(params["fanout"]["budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
-        if time.monotonic() + need > deadline:
-            log(f"== {name}: skipped, the run's time budget is spent")
-            results.append({"config": name, "status": "skipped", "error": "time budget spent"})
-            continue
-        results.append(bench_config(name, params, args))
-    for number in range(2, MODES[mode].get("rounds", 1) + 1):
-        for result in results:
-            if not wants_another_round(result):
-                continue
-            name = result["config"]
-            need = min(MODES[mode]["later_budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
-            if time.monotonic() + need > deadline:
-                log(f"== {name}: round {number} skipped, the run's time budget is spent")
-                continue
-            fanout = result["scenarios"]["fanout"]
-            again = bench_config(
-                name,
-                later_round_params(params, fanout, MODES[mode]["later_budget_s"]),
-                args,
-                label=f"{name} round {number}",
-            )
-            add_round(result, again, number)
+    with machine_probe(args.probe_path):
+        results = run_rounds(args, mode, configs, params, t0)
     rows = summarize(results)
     print_table(rows, params["fanout"]["clients"])
     by_name = {r["config"]: r for r in results}

@@ -381,8 +381,7 @@ def messages_create(
     arrive together, which is what keeps the database off the hot path under load. A caller
     that knows its connections cannot have been swept may skip the check.
     """
-    one_statement = len(posts) <= _rows_per_insert()
-    if check_presence or not one_statement or connection.in_atomic_block:
+    if check_presence or len(posts) > _rows_per_insert() or connection.in_atomic_block:
         # Inside a caller's transaction, the savepoint keeps a failed batch from breaking it.
         return _messages_create_checked(posts=posts, check_presence=check_presence)
     # The hot path: one INSERT is a transaction of its own, so it runs in autocommit, one

@@ -429,14 +429,41 @@ def test_a_configuration_measured_while_the_host_took_the_cpu_is_flagged(
     assert "daphne-1: the host took" not in out
 
 
-def test_a_ratio_of_figures_measured_at_different_machine_speeds_says_so() -> None:
+def probed_run(probe_ms: dict[str, float]) -> list[dict[str, Any]]:
+    """A good full run whose steps recorded these probe times (bench/probe.py), by config."""
     results = full_run()
-    speeds = {"yardstick": 1.5, "uvicorn-1": 2.5, "daphne-1": 1.6, "daphne-2": 2.6}
     for result in results:
-        probe_ms = speeds.get(result["config"])
+        ms = probe_ms.get(result["config"])
         for s in result["scenarios"]["fanout"]["steps"]:
-            s["probe_ms"] = probe_ms
-        result["scenarios"]["fanout"]["max_sustained"]["probe_ms"] = probe_ms
+            s["probe_ms"] = ms
+        result["scenarios"]["fanout"]["max_sustained"]["probe_ms"] = ms
+    return results
+
+
+def test_each_figure_is_given_the_speed_of_its_best_step_against_the_runs_fastest() -> None:
+    results = probed_run({"yardstick": 1.5, "uvicorn-1": 2.5})
+    # A step may fall between two probe samples: it has no figure, and counts for nothing.
+    results[0]["scenarios"]["fanout"]["steps"][0]["probe_ms"] = None
+    assert bench_run.fastest_probe_ms(results) == 1.5
+    rows = {row["config"]: row for row in bench_run.summarize(results)}
+    assert rows["yardstick"]["speed_at_max"] == 1.0
+    assert rows["uvicorn-1"]["speed_at_max"] == 0.6
+    assert rows["uvicorn-1"]["probe_ms_at_max"] == 2.5
+    assert rows["daphne-1"]["speed_at_max"] is None
+
+
+def test_a_figure_measured_on_a_slow_machine_is_flagged_under_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = probed_run({"yardstick": 1.5, "uvicorn-1": 2.5})
+    bench_run.print_table(bench_run.summarize(results), 200)
+    out = capsys.readouterr().out
+    assert "uvicorn-1: its best step ran with the machine at 0.60 of its fastest" in out
+    assert "yardstick: its best step ran" not in out
+
+
+def test_a_ratio_of_figures_measured_at_different_machine_speeds_says_so() -> None:
+    results = probed_run({"yardstick": 1.5, "uvicorn-1": 2.5, "daphne-1": 1.6, "daphne-2": 2.6})
 
     targets = judge(results)
 
