@@ -241,6 +241,10 @@ CHAT_SEND_BACKLOG_BYTES = env_int("CHAT_SEND_BACKLOG_BYTES", 1024 * 1024)
 CHAT_BATCH_INTERVAL_MS = env_float("CHAT_BATCH_INTERVAL_MS", 10.0)
 CHAT_BATCH_INTERVAL_MAX_MS = env_float("CHAT_BATCH_INTERVAL_MAX_MS", 40.0)
 CHAT_BATCH_FULL_RATE = env_float("CHAT_BATCH_FULL_RATE", 2000.0)
+# Under load the event loop naps this long at a time (rooms/nap.py), in proportion to how far
+# the load has stretched the batch interval, and takes what arrived meanwhile in one go; at most
+# a quarter of CHAT_BATCH_INTERVAL_MAX_MS. 0: never.
+CHAT_NAP_MS = env_float("CHAT_NAP_MS", 3.0)
 CHAT_WORKER_NAME = os.environ.get("CHAT_WORKER_NAME", "")
 # Long-lived objects are frozen out of the garbage collector's way once this many accumulate
 # (0: only what is loaded at startup), and everything is collected once every

@@ -17,6 +17,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from django.db import close_old_connections
 
+from rooms import nap
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -30,6 +32,8 @@ def _hygienic(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any
         return fn(*args, **kwargs)
     finally:
         close_old_connections()
+        # The loop may be napping under load (rooms/nap.py): the caller is waiting for this.
+        nap.wake()
 
 
 async def run(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:

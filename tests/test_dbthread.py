@@ -1,9 +1,10 @@
 import asyncio
 import threading
+import time
 
 import pytest
 
-from rooms import dbthread
+from rooms import dbthread, nap
 
 # Every call closes the thread's stale connections, which touches the database thread's
 # connection once another test has opened it.
@@ -60,3 +61,14 @@ async def test_a_call_cancelled_while_it_waits_for_the_thread_is_never_made():
     assert await dbthread.run(made.append, "after") is None
     assert made == ["busy", "after"]
     assert waiting.cancelled()
+
+
+async def test_a_call_that_returns_ends_the_loops_nap_so_its_caller_hears_at_once():
+    release = threading.Event()
+    call = asyncio.ensure_future(dbthread.run(release.wait, 10))
+    await asyncio.sleep(0)  # the call is with the thread
+    threading.Timer(0.05, release.set).start()
+    started = time.monotonic()
+    nap.doze(30.0)  # as the loop naps under load, blocking it
+    assert time.monotonic() - started < 10.0
+    assert await call is True

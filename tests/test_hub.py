@@ -4,6 +4,7 @@ room in one write, in order, without the sender's own message."""
 import asyncio
 import gc
 import json
+import math
 import signal
 from typing import Any
 
@@ -584,6 +585,26 @@ async def test_under_load_posts_wait_for_the_commit_interval_and_go_together(
     assert database.batches == batches
 
 
+async def test_the_writer_says_when_it_takes_its_next_batch_and_never_while_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = FakeDatabase()
+    monkeypatch.setattr("rooms.hub.dbthread.run", database.run)
+    writer = MessageWriter(lambda: False, published, pace=Pace(3600.0, 3600.0, 0))
+    assert writer.next_batch() == math.inf
+    await writer.submit(post("a"))
+    second = writer.submit(post("b"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    assert loop.time() < writer.next_batch() <= loop.time() + 3600.0
+    draining = writer._draining
+    draining.cancel()  # an hour is too long to wait
+    await asyncio.wait({draining})
+    second.cancel()
+    assert writer.next_batch() == math.inf
+
+
 async def test_a_post_after_a_quiet_spell_does_not_wait_for_the_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -646,6 +667,35 @@ def test_writes_wait_only_for_what_the_load_adds_to_the_interval() -> None:
     assert pace.stretch(0.0) == 0.0
     now = fed(pace, 5000)
     assert pace.stretch(now) == pytest.approx(0.03)
+
+
+def test_the_load_is_how_far_the_interval_is_stretched() -> None:
+    pace = Pace(base=0.01, longest=0.04, full_rate=2000)
+    assert pace.load(0.0) == 0.0
+    now = fed(pace, 1000)
+    assert pace.load(now) == pytest.approx(1 / 3, rel=0.01)
+    now = fed(pace, 5000, now)
+    assert pace.load(now) == 1.0
+    assert Pace(base=0.01, longest=0.01, full_rate=2000).load(now) == 0.0
+
+
+async def test_under_load_a_delivery_sets_the_loop_napping_and_a_shutdown_stops_it():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7, pace=busy(longest=0.04))
+    await hub.broadcast(7, {"n": 1})
+    assert hub.napper.napping
+
+    await hub.shutdown(grace=0.1)
+    assert not hub.napper.napping
+
+
+async def test_under_light_load_a_delivery_does_not_set_the_loop_napping():
+    ann = Writer("ann")
+    hub = await hub_with(ann, room_id=7, pace=Pace(base=0.01, longest=0.04, full_rate=2000))
+    await hub.broadcast(7, {"n": 1})
+    await next_turn()
+    assert not hub.napper.napping
+    assert ann.writes == [frame_of({"n": 1})]
 
 
 class Recorder(Writer):
