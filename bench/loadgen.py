@@ -3,9 +3,10 @@
     python bench/loadgen.py < spec.json > result.json
 
 The spec (written by run.py) names the ports, the server pids (for CPU/RSS
-sampling) and the scenario parameters. Progress lines go to stderr, the result
-JSON to stdout. Every wait is bounded, so a dead or stuck server ends a
-scenario with an error instead of hanging.
+sampling) and the scenario parameters; or, under "lockstep", several such
+configurations whose fan-out ladders climb side by side (`run_lockstep`).
+Progress lines go to stderr, the result JSON to stdout. Every wait is bounded,
+so a dead or stuck server ends a scenario with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -612,89 +613,137 @@ class Ladder:
         return True
 
 
-async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
-    room = f"fan{bench.nonce}"
-    n, timeout = p["clients"], p["timeout_s"]
-    spread = p.get("receiver_processes", 0)
-    result: dict[str, Any] = {"params": p, "room": room, "steps": []}
-    clients: list[Client] = []
-    if spread:
-        from receivers import Receivers, merge_connect_stats
+class FanoutLadder:
+    """One configuration's fan-out: 200 clients in one room, climbing the offered rate one step
+    at a time (`Ladder`). `scenario_fanout` climbs one alone; `run_lockstep` climbs several,
+    one step of each in turn, so that the machine's slow and fast spells fall on all of them.
 
-        bench.receivers = receivers = Receivers(bench, spread)
-    try:
+    A ladder's budget counts only the time of its own steps: side by side, every ladder's
+    steps are spread over the time of all of them.
+    """
+
+    def __init__(self, bench: Bench, label: str, p: dict[str, Any]) -> None:
+        self.bench = bench
+        self.label = label
+        self.p = p
+        self.room = f"fan{bench.nonce}"
+        self.result: dict[str, Any] = {"params": p, "room": self.room, "steps": []}
+        self.clients: list[Client] = []
+        self.receivers: Receivers | None = None
+        self.ladder = Ladder(p)
+        self.best: dict[str, Any] | None = None
+        self.spent = 0.0
+        self.steps_left = p["max_steps"]
+
+    async def open(self) -> None:
+        """Fill the room, let it settle, warm up."""
+        bench, p = self.bench, self.p
+        n, timeout, room = p["clients"], p["timeout_s"], self.room
+        spread = p.get("receiver_processes", 0)
         if spread:
+            from receivers import Receivers, merge_connect_stats
+
+            bench.receivers = self.receivers = Receivers(bench, spread)
             # This process keeps the senders; the rest of the room reads elsewhere.
-            await receivers.start()
-            clients, here = await open_many(bench, p["senders"], lambda i: room, 50, timeout, 60)
-            there = await receivers.open(n - p["senders"], room, 50, timeout, 60)
+            await self.receivers.start()
+            self.clients, here = await open_many(
+                bench, p["senders"], lambda i: room, 50, timeout, 60
+            )
+            there = await self.receivers.open(n - p["senders"], room, 50, timeout, 60)
             conn = merge_connect_stats([here, there])
         else:
-            clients, conn = await open_many(bench, n, lambda i: room, 50, timeout, 60)
-        result["connect"] = conn
+            self.clients, conn = await open_many(bench, n, lambda i: room, 50, timeout, 60)
+        self.result["connect"] = conn
         if conn["failed"]:
             raise RuntimeError(f"{conn['failed']} of {n} clients failed to connect")
         await settle(bench, 0.5, 10)  # let the joined/left flurry of the setup finish
-        result["user_list_count"] = await user_count(clients[0], room, timeout)
-        fan = n - 1
-        result["reconnects"] = 0
+        self.result["user_list_count"] = await user_count(self.clients[0], room, timeout)
+        self.result["reconnects"] = 0
         if p["warmup_s"]:
-            senders = clients[: p["senders"]]
-            r = await run_step(bench, senders, p["start_rate"], p["warmup_s"], fan, p["drain_s"])
+            r = await run_step(
+                bench, self.senders, p["start_rate"], p["warmup_s"], n - 1, p["drain_s"]
+            )
             r["warmup"] = True
-            result["warmup"] = r
-            log(fmt_step(label, "warm-up", r))
+            self.result["warmup"] = r
+            log(fmt_step(self.label, "warm-up", r))
             await settle(bench, 0.3, p["drain_s"])
-        budget_end = time.monotonic() + p["budget_s"]
-        ladder = Ladder(p)
-        best: dict[str, Any] | None = None
-        for _ in range(p["max_steps"]):
-            if time.monotonic() > budget_end or not bench.servers.alive():
-                break
-            # A server may drop clients it considers too slow; put them back in the room.
-            lost, reopened = await reopen_closed(bench, clients, room, timeout)
-            if spread:
-                lost_there, reopened_there = await receivers.restore()
-                lost, reopened = lost + lost_there, reopened + reopened_there
-            if lost:
-                result["reconnects"] += reopened
-                log(
-                    f"  [{label}] fanout     {lost} clients were disconnected, "
-                    f"{reopened} reconnected"
-                )
-                if reopened < lost:
-                    raise RuntimeError("could not restore the room after disconnects")
-                await settle(bench, 0.3, 5)
-            senders = clients[: p["senders"]]
-            rate = ladder.rate
-            r = await run_step(bench, senders, rate, p["step_s"], fan, p["drain_s"])
-            r["clients_lost"] = sum(1 for c in clients if c.closed.done()) + (
-                await receivers.lost() if spread else 0
+
+    @property
+    def senders(self) -> list[Client]:
+        return self.clients[: self.p["senders"]]
+
+    async def step(self) -> bool:
+        """Climb one step; False once the ladder is done (or out of budget, or its server
+        is gone)."""
+        bench, p = self.bench, self.p
+        if self.steps_left <= 0 or self.spent > p["budget_s"] or not bench.servers.alive():
+            return False
+        self.steps_left -= 1
+        t0 = time.monotonic()
+        try:
+            return await self._step()
+        finally:
+            self.spent += time.monotonic() - t0
+
+    async def _step(self) -> bool:
+        bench, p, room = self.bench, self.p, self.room
+        # A server may drop clients it considers too slow; put them back in the room.
+        lost, reopened = await reopen_closed(bench, self.clients, room, p["timeout_s"])
+        if self.receivers is not None:
+            lost_there, reopened_there = await self.receivers.restore()
+            lost, reopened = lost + lost_there, reopened + reopened_there
+        if lost:
+            self.result["reconnects"] += reopened
+            log(
+                f"  [{self.label}] fanout     {lost} clients were disconnected, "
+                f"{reopened} reconnected"
             )
-            p99 = r["latency"]["p99_ms"]
-            ok = (r["delivery_ratio"] or 0) >= p["min_ratio"] and (
-                p99 is not None and p99 <= p["p99_limit_ms"]
-            )
-            r["ok"] = ok
-            r["retry"] = ladder.retrying
-            result["steps"].append(r)
-            log(fmt_step(label, "retry" if ladder.retrying else "fanout", r, ok))
-            if ok and (best is None or r["delivered_per_s"] > best["delivered_per_s"]):
-                best = r
-            if not ok:
-                await settle(bench, 0.3, p["drain_s"])  # let a backlog clear first
-            if not ladder.record(ok):
-                break
-        result["max_sustained"] = max_sustained(best)
-        result["saturated"] = ladder.failed is not None
-    finally:
-        await close_all(clients)
-        if spread:
+            if reopened < lost:
+                raise RuntimeError("could not restore the room after disconnects")
+            await settle(bench, 0.3, 5)
+        ladder = self.ladder
+        rate = ladder.rate
+        r = await run_step(bench, self.senders, rate, p["step_s"], p["clients"] - 1, p["drain_s"])
+        r["clients_lost"] = sum(1 for c in self.clients if c.closed.done()) + (
+            await self.receivers.lost() if self.receivers is not None else 0
+        )
+        p99 = r["latency"]["p99_ms"]
+        ok = (r["delivery_ratio"] or 0) >= p["min_ratio"] and (
+            p99 is not None and p99 <= p["p99_limit_ms"]
+        )
+        r["ok"] = ok
+        r["retry"] = ladder.retrying
+        self.result["steps"].append(r)
+        log(fmt_step(self.label, "retry" if ladder.retrying else "fanout", r, ok))
+        if ok and (self.best is None or r["delivered_per_s"] > self.best["delivered_per_s"]):
+            self.best = r
+        if not ok:
+            await settle(bench, 0.3, p["drain_s"])  # let a backlog clear first
+        return ladder.record(ok)
+
+    async def close(self) -> dict[str, Any]:
+        """Leave the room; the result."""
+        self.result["max_sustained"] = max_sustained(self.best)
+        self.result["saturated"] = self.ladder.failed is not None
+        await close_all(self.clients)
+        if self.receivers is not None:
+            bench = self.bench
             bench.receivers = None
-            far = await receivers.stop()
+            far = await self.receivers.stop()
             bench.error_samples.update(far["error_samples"])
             bench.other_frames.update(far["other_frames"])
             bench.bad_frames += far["bad_frames"]
+        return self.result
+
+
+async def scenario_fanout(bench: Bench, label: str, p: dict[str, Any]) -> dict[str, Any]:
+    climb = FanoutLadder(bench, label, p)
+    try:
+        await climb.open()
+        while await climb.step():
+            pass
+    finally:
+        result = await climb.close()
     return result
 
 
@@ -820,6 +869,49 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+async def run_lockstep(spec: dict[str, Any]) -> dict[str, Any]:
+    """The fan-out of several configurations, side by side: every one's room is filled, then
+    their ladders climb together, one step of each in turn, until all are done. Each
+    configuration's result is shaped as `run`'s, with the fan-out alone."""
+    probe_path = spec.get("probe_path")
+    climbs: dict[str, FanoutLadder] = {}
+    out: dict[str, Any] = {}
+    for target in spec["lockstep"]:
+        label = target["label"]
+        bench = Bench(target["ports"], target["server_pids"])
+        bench.probe_path = probe_path
+        out[label] = {"label": label, "nonce": bench.nonce, "scenarios": {}}
+        climb = FanoutLadder(bench, label, target["fanout"])
+        try:
+            await climb.open()
+        except Exception as exc:
+            await failed(out[label], climb, exc)
+            continue
+        climbs[label] = climb
+    while climbs:
+        for label, climb in list(climbs.items()):
+            try:
+                going = await climb.step()
+            except Exception as exc:
+                del climbs[label]
+                await failed(out[label], climb, exc)
+                continue
+            if not going:
+                del climbs[label]
+                out[label]["scenarios"]["fanout"] = await climb.close()
+    for target in spec["lockstep"]:
+        out[target["label"]]["server_alive_at_end"] = Servers(target["server_pids"]).alive()
+    return out
+
+
+async def failed(out: dict[str, Any], climb: FanoutLadder, exc: Exception) -> None:
+    """A ladder that broke off: what it measured, and why it stopped."""
+    log(f"  [{climb.label}] fanout: ERROR {type(exc).__name__}: {exc}")
+    with contextlib.suppress(Exception):
+        await climb.close()
+    out["scenarios"]["fanout"] = {**climb.result, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop  # optional: noticeably cheaper per read on the receiving side
@@ -834,7 +926,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 def main() -> None:
     raise_nofile()
     spec = json.load(sys.stdin)
-    json.dump(run_event_loop(run(spec)), sys.stdout)
+    json.dump(run_event_loop(run_lockstep(spec) if "lockstep" in spec else run(spec)), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -131,8 +132,6 @@ STEAL_WARN_PCT = 10
 # Below this share of its fastest speed in the run, a configuration's best step ran on a machine
 # too slow to compare it with one measured at full speed (bench/probe.py).
 SLOW_SPEED = 0.8
-# Two figures measured this far apart in speed compare the machine's spells as well as the servers.
-SPEED_GAP = 0.15
 IDLE_BASE = {"room_size": 10, "concurrency": 64, "timeout_s": 10, "deadline_s": 60}
 
 
@@ -140,17 +139,17 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
-# Why the fan-out has rounds:
+# Why the fan-out runs side by side, in rounds:
 # On a 2-core machine the servers, the load generator's processes, PostgreSQL and Redis share the
 # CPU, and at the top of the ladder the machine is full. There a step's verdict turns on more than
 # the offered rate: measured on the yardstick at a fixed 8,000 msg/s, 3-second steps, one run of
 # ten steps failed every one (p99 0.3-2.2 s), the next failed the first five and passed four of
-# the last five (p99 26-62 ms); in 6-second steps, one run failed 6,000 msg/s at 1.3 s, and 8,000
-# passed at 25 ms a minute later. Such a spell lasts tens of seconds, longer than a retried step,
-# so one ladder's figure fell anywhere in a range of 2x between runs, and a ratio of two figures
-# further still. So each configuration climbs the fan-out ladder more than once, in turns, minutes
-# apart, and its figure is the best of its rounds: the rate it sustained when the machine let it.
-# Every round's steps count for the no-loss target.
+# the last five (p99 26-62 ms). Such a spell lasts tens of seconds to minutes. Ladders climbed one
+# after the other fell in different spells, and a ratio of two of their figures was the machine's
+# as much as the servers'. So every configuration's ladder climbs at once, one step of each in
+# turn (bench_side_by_side), three times on fresh servers; a figure is the best round's, and a
+# ratio target is the median of the rounds' ratios. Every round's steps count for the no-loss
+# target.
 
 
 def scenario_params(mode: str) -> dict[str, dict[str, Any]]:
@@ -163,11 +162,9 @@ def scenario_params(mode: str) -> dict[str, dict[str, Any]]:
 
 
 def loadgen_timeout(params: dict[str, dict[str, Any]]) -> float:
-    f, r, i = params["fanout"], params.get("many_rooms"), params.get("idle")
+    f, r, i = params.get("fanout"), params.get("many_rooms"), params.get("idle")
     return (
-        f["budget_s"]
-        + 2 * f["step_s"]
-        + 2 * f["drain_s"]
+        (f["budget_s"] + 2 * f["step_s"] + 2 * f["drain_s"] if f else 0)
         + (r["duration_s"] if r else 0)
         + (i["deadline_s"] if i else 0)
         + 90
@@ -184,13 +181,18 @@ def run_loadgen(
         "scenarios": params,
         "probe_path": str(probe_path) if probe_path else None,
     }
+    return loadgen(spec, loadgen_timeout(params))
+
+
+def loadgen(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run the load generator on a spec (loadgen.py); what it returns, or an error."""
     try:
         done = subprocess.run(
             [sys.executable, str(BENCH_DIR / "loadgen.py")],
             input=json.dumps(spec).encode(),
             stdout=subprocess.PIPE,
             stderr=None,  # progress lines go straight to the terminal
-            timeout=loadgen_timeout(params),
+            timeout=timeout,
             cwd=REPO_ROOT,
             check=False,
         )
@@ -237,6 +239,66 @@ def bench_config(
     out["wall_s"] = round(time.monotonic() - t0, 1)
     log(f"== {shown}: {out['status']} in {out['wall_s']}s")
     return out
+
+
+def bench_side_by_side(
+    fanouts: dict[str, dict[str, Any]], args: argparse.Namespace, number: int
+) -> dict[str, dict[str, Any]]:
+    """One round of the fan-out for several configurations at once: each started fresh, all
+    of them running together, one load generator climbing their ladders in turns
+    (loadgen.py, `run_lockstep`); each configuration's outcome, shaped as `bench_config`'s."""
+    deps = {name: Deployment(CONFIGS[name], args.pg_url, args.redis_url) for name in fanouts}
+    outs: dict[str, dict[str, Any]] = {
+        name: {"config": name, "processes": dep.config.processes} for name, dep in deps.items()
+    }
+    t0 = time.monotonic()
+    names = ", ".join(fanouts)
+    try:
+        for name, dep in deps.items():
+            log(f"== {name} round {number}: starting {dep.config.processes} process(es)")
+            try:
+                dep.start()
+            except StartError as exc:
+                outs[name]["error"] = f"failed to start: {exc}"
+                log(f"== {name} round {number}: {outs[name]['error']}")
+                continue
+            outs[name].update(ports=dep.ports, startup_s=dep.startup_s)
+        running = [name for name in fanouts if "error" not in outs[name]]
+        log(f"== round {number}: the fan-out of {', '.join(running)}, side by side")
+        spec = {
+            "lockstep": [
+                {
+                    "label": name,
+                    "ports": deps[name].ports,
+                    "server_pids": deps[name].pids,
+                    "fanout": fanouts[name],
+                }
+                for name in running
+            ],
+            "probe_path": str(args.probe_path) if args.probe_path else None,
+        }
+        timeout = sum(loadgen_timeout({"fanout": fanouts[name]}) for name in running)
+        result = loadgen(spec, timeout) if running else {}
+        for name in running:
+            out, dep = outs[name], deps[name]
+            out.update(result.get(name) or {"error": result.get("error", "no result")})
+            dead = dep.dead()
+            if dead:
+                out["error"] = "server died: " + "; ".join(dead)
+            if "error" in out or "error" in (get(out, "scenarios", "fanout") or {}):
+                out["server_log_tail"] = dep.log_tails()
+    finally:
+        for dep in deps.values():
+            dep.stop()
+            dep.cleanup()
+    wall = round(time.monotonic() - t0, 1)
+    for name, out in outs.items():
+        out["notes"] = deps[name].notes
+        out["status"] = "error" if "error" in out else "ok"
+        # The round's time, shared: every configuration ran through all of it.
+        out["wall_s"] = round(wall / len(outs), 1)
+    log(f"== round {number} ({names}): done in {wall}s")
+    return outs
 
 
 def later_round_params(
@@ -565,7 +627,12 @@ def ratio_target(
     rows: dict[str, dict[str, Any]],
     configs: dict[str, Any],
 ) -> dict[str, Any]:
-    """`config`'s max sustained deliveries/s is at least `minimum` times `reference`'s."""
+    """`config`'s max sustained deliveries/s is at least `minimum` times `reference`'s.
+
+    Judged round by round: in each round the two climbed their ladders side by side, so the
+    machine's spells fell on both, and the ratio is the median of the rounds' ratios (one
+    lucky or unlucky round moves it no more than the others let it).
+    """
     required = f">= {minimum:.2f}x {reference}" + (f" (goal {goal:.2f}x)" if goal else "")
     entry = new_target(number, name, [config, reference], required)
     why = unavailable(config, rows, configs, "fanout") or unavailable(
@@ -574,38 +641,45 @@ def ratio_target(
     if why:
         entry["note"] = why
         return entry
-    row, ref = rows[config], rows[reference]
-    value, ref_value = row["max_deliveries_per_s"], ref["max_deliveries_per_s"]
-    if not ref_value:
+    mine, theirs = round_figures(configs[config]), round_figures(configs[reference])
+    passed = {n: f for n, f in theirs.items() if f[0]}
+    if not passed:
         entry["note"] = f"{reference}: no fan-out step passed"
         return entry
-    if not value:
+    common = [n for n in sorted(passed) if n in mine]
+    pairs = [(mine[n], passed[n]) for n in common]
+    if not any(value for (value, _), _ in pairs):
         entry.update(status="missed", measured="no fan-out step passed")
         return entry
-    ratio = value / ref_value
+    ratios = [(value or 0) / ref_value for (value, _), (ref_value, _) in pairs]
+    ratio = statistics.median(ratios)
     met = ratio >= minimum
-    bound = ratio_bound(row["saturated"] is False, ref["saturated"] is False)
+    bound = ratio_bound(
+        any(saturated is False for (_, saturated), _ in pairs),
+        any(saturated is False for _, (_, saturated) in pairs),
+    )
+    if len(pairs) == 1:
+        (value, saturated), (ref_value, ref_saturated) = pairs[0]
+        detail = f"{figure(value or 0, saturated)} / {figure(ref_value, ref_saturated)}"
+    else:
+        detail = "median of rounds " + ", ".join(f"{r:.2f}" for r in ratios)
     entry.update(
         status="met" if met else "missed",
-        measured=(
-            f"{BOUND_PREFIX[bound]}{ratio_text(ratio, minimum)}x "
-            f"({figure(value, row['saturated'])} / {figure(ref_value, ref['saturated'])})"
-        ),
+        measured=f"{BOUND_PREFIX[bound]}{ratio_text(ratio, minimum)}x ({detail})",
         bound=bound,
         settled=bound_settles(bound, met),
-        note="; ".join(n for n in (bound_note(bound, config, reference), speed_note(row, ref)) if n)
-        or None,
+        note=bound_note(bound, config, reference),
     )
     return entry
 
 
-def speed_note(row: dict[str, Any], ref: dict[str, Any]) -> str | None:
-    """Whether the two figures of a ratio were measured with the machine at different speeds
-    (bench/probe.py): the ratio is then partly the machine's."""
-    speeds = row.get("speed_at_max"), ref.get("speed_at_max")
-    if None in speeds or abs(speeds[0] - speeds[1]) < SPEED_GAP:
-        return None
-    return f"machine speed {speeds[0]:.2f} against {speeds[1]:.2f}"
+def round_figures(result: dict[str, Any]) -> dict[int, tuple[float | None, bool | None]]:
+    """A configuration's fan-out figure in each round, with whether that round saturated."""
+    fanout = get(result, "scenarios", "fanout") or {}
+    rounds = fanout.get("rounds")
+    if not rounds:
+        return {1: (get(fanout, "max_sustained", "deliveries_per_s"), fanout.get("saturated"))}
+    return {r["round"]: (r["max_deliveries_per_s"], r["saturated"]) for r in rounds}
 
 
 def steps_below_saturation(fanout: dict[str, Any]) -> list[dict[str, Any]]:
@@ -888,35 +962,53 @@ def machine_probe(path: Path) -> Iterator[None]:
 def run_rounds(
     args: argparse.Namespace, mode: str, configs: list[str], params: dict[str, Any], t0: float
 ) -> list[dict[str, Any]]:
-    """Every configuration in turn, then the later fan-out rounds, within the mode's deadline."""
-    results: list[dict[str, Any]] = []
-    deadline = t0 + MODES[mode]["deadline_s"]
-    for name in configs:
-        # Keep the whole run bounded: a configuration needs roughly this much time.
-        need = min(params["fanout"]["budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
-        if time.monotonic() + need > deadline:
-            log(f"== {name}: skipped, the run's time budget is spent")
-            results.append({"config": name, "status": "skipped", "error": "time budget spent"})
+    """The fan-out of every configuration side by side (`bench_side_by_side`), then each
+    configuration alone for what measures one server by itself (many rooms, idle), then the
+    later fan-out rounds side by side again, within the mode's deadline."""
+    m = MODES[mode]
+    deadline = t0 + m["deadline_s"]
+    first = bench_side_by_side({name: params["fanout"] for name in configs}, args, 1)
+    results = [first[name] for name in configs]
+    alone = {name: p for name, p in params.items() if name != "fanout"}
+    for result in results:
+        name = result["config"]
+        if str(result.get("error", "")).startswith("failed to start"):
             continue
-        results.append(bench_config(name, params, args))
-    for number in range(2, MODES[mode].get("rounds", 1) + 1):
-        for result in results:
-            if not wants_another_round(result):
-                continue
-            name = result["config"]
-            need = min(MODES[mode]["later_budget_s"] + 30, MODES[mode]["deadline_s"] / 4)
-            if time.monotonic() + need > deadline:
-                log(f"== {name}: round {number} skipped, the run's time budget is spent")
-                continue
-            fanout = result["scenarios"]["fanout"]
-            again = bench_config(
-                name,
-                later_round_params(params, fanout, MODES[mode]["later_budget_s"]),
-                args,
-                label=f"{name} round {number}",
-            )
-            add_round(result, again, number)
+        # Keep the whole run bounded: a configuration alone needs roughly this much time.
+        if time.monotonic() + alone["many_rooms"]["duration_s"] + 30 > deadline:
+            log(f"== {name}: the scenarios alone skipped, the run's time budget is spent")
+            for scenario in alone:
+                result["scenarios"][scenario] = {"error": "time budget spent"}
+            continue
+        add_alone(result, bench_config(name, alone, args, label=f"{name} alone"))
+    for number in range(2, m.get("rounds", 1) + 1):
+        taking = [result for result in results if wants_another_round(result)]
+        need = min(len(taking) * (m["later_budget_s"] + 15), m["deadline_s"] / 2)
+        if not taking or time.monotonic() + need > deadline:
+            log(f"== round {number} skipped, the run's time budget is spent")
+            break
+        fanouts = {
+            result["config"]: later_round_params(
+                params, result["scenarios"]["fanout"], m["later_budget_s"]
+            )["fanout"]
+            for result in taking
+        }
+        again = bench_side_by_side(fanouts, args, number)
+        for result in taking:
+            add_round(result, again[result["config"]], number)
     return results
+
+
+def add_alone(result: dict[str, Any], alone: dict[str, Any]) -> None:
+    """Fold what a configuration measured alone into its result."""
+    result.setdefault("scenarios", {}).update(alone.get("scenarios") or {})
+    result["notes"] = result.get("notes", []) + alone.get("notes", [])
+    result["wall_s"] = round(result.get("wall_s", 0) + alone.get("wall_s", 0), 1)
+    if alone.get("error"):
+        result.setdefault("round_errors", []).append(f"alone: {alone['error']}")
+        result["server_log_tail"] = alone.get("server_log_tail")
+    if alone.get("status") != "ok":
+        result["status"] = "error"
 
 
 def main() -> int:

@@ -60,12 +60,49 @@ def test_a_loss_in_any_round_misses_the_no_loss_target() -> None:
     assert "(2 missing)" in entry["measured"]
 
 
-def test_ratios_compare_the_best_rounds() -> None:
-    uvi = config("uvicorn-1", 700.0)  # the yardstick of full_run sustains 1000
-    bench_run.add_round(uvi, later(ladder(850.0)), 2)
-    targets = judge(full_run(**{"uvicorn-1": uvi}))
+def in_rounds(name: str, *tops: float) -> dict[str, Any]:
+    """A configuration whose fan-out ran one round per figure in `tops`."""
+    result = config(name, tops[0])
+    for number, top in enumerate(tops[1:], start=2):
+        bench_run.add_round(result, later(ladder(top)), number)
+    return result
 
-    assert find(targets, 1, "uvicorn-1")["status"] == "met"
+
+def test_ratios_compare_the_rounds_side_by_side_and_take_their_median() -> None:
+    # Round 2 fell in a slow spell for both: best against best would say 0.90x.
+    yard = in_rounds("yardstick", 1000.0, 600.0, 1000.0)
+    uvi = in_rounds("uvicorn-1", 800.0, 500.0, 900.0)
+    targets = judge(full_run(yardstick=yard, **{"uvicorn-1": uvi, "uvicorn-2": uvi}))
+
+    entry = find(targets, 1, "uvicorn-1")
+    assert entry["status"] == "met"
+    assert entry["measured"] == "0.83x (median of rounds 0.80, 0.83, 0.90)"
+    assert bench_run.summarize([yard, uvi])[1]["vs_yardstick"] == 0.9  # the figures' own
+
+
+def test_one_lucky_round_does_not_carry_a_ratio() -> None:
+    uvi = in_rounds("uvicorn-1", 1000.0, 1000.0, 1400.0)
+    two = in_rounds("uvicorn-2", 900.0, 850.0, 900.0)
+    targets = judge(
+        full_run(
+            yardstick=in_rounds("yardstick", 1000.0, 1000.0, 1000.0),
+            **{"uvicorn-1": uvi, "uvicorn-2": two},
+        )
+    )
+
+    # Best against best: 900 / 1400 = 0.64x. Round by round: 0.90, 0.85, 0.64.
+    entry = find(targets, 2, "uvicorn-2")
+    assert entry["status"] == "met"
+    assert entry["measured"] == "0.85x (median of rounds 0.90, 0.85, 0.64)"
+
+
+def test_a_round_the_reference_has_no_figure_for_is_left_out() -> None:
+    yard = in_rounds("yardstick", 1000.0, 1000.0)
+    yard["scenarios"]["fanout"]["rounds"][1]["max_deliveries_per_s"] = None
+    uvi = in_rounds("uvicorn-1", 900.0, 100.0)
+    targets = judge(full_run(yardstick=yard, **{"uvicorn-1": uvi, "uvicorn-2": uvi}))
+
+    assert find(targets, 1, "uvicorn-1")["measured"] == "0.90x (900 / 1,000)"
 
 
 def test_a_failed_later_round_keeps_the_figures_but_is_reported() -> None:
